@@ -1,0 +1,49 @@
+/* kv_platform.h -- portable macros for kvcache's compiled core.
+ *
+ * Only declarations, macros and scalar inline helpers live here: this header
+ * is included by baseline-compiled code (_core.c), so no ISA intrinsics may
+ * appear outside the SSE guard below (SSE is part of the x86-64 baseline).
+ * Every macro falls back to nothing where the compiler lacks the builtin.
+ */
+#ifndef KV_PLATFORM_H
+#define KV_PLATFORM_H
+
+#if defined(_MSC_VER)
+#  define KV_INLINE static __forceinline
+#else
+#  define KV_INLINE static inline __attribute__((always_inline))
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#  define KV_LIKELY(x)   __builtin_expect(!!(x), 1)
+#  define KV_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#  define KV_LIKELY(x)   (x)
+#  define KV_UNLIKELY(x) (x)
+#endif
+
+/* Prefetch hints.  KV_PREFETCH_T0: data needed next (all cache levels);
+ * KV_PREFETCH_T1: data needed soon after (L2 and beyond).  Read-only hints:
+ * a prefetch never faults, so a stale pointer is harmless, but callers still
+ * only hint memory they own. */
+#if defined(__GNUC__) || defined(__clang__)
+#  define KV_PREFETCH_T0(p) __builtin_prefetch((const void *)(p), 0, 3)
+#  define KV_PREFETCH_T1(p) __builtin_prefetch((const void *)(p), 0, 2)
+#  define KV_HAVE_PREFETCH 1
+#elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+#  include <xmmintrin.h>
+#  define KV_PREFETCH_T0(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#  define KV_PREFETCH_T1(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
+#  define KV_HAVE_PREFETCH 1
+#else
+#  define KV_PREFETCH_T0(p) ((void)(p))
+#  define KV_PREFETCH_T1(p) ((void)(p))
+#  define KV_HAVE_PREFETCH 0
+#endif
+#define KV_PREFETCH(p) KV_PREFETCH_T0(p)
+
+/* Block payloads are aligned to a cache line so that a block's rows never
+ * share a line with another block's (and later SIMD loads can be aligned). */
+#define KV_ALIGN 64
+
+#endif /* KV_PLATFORM_H */

@@ -1,0 +1,713 @@
+# cython: language_level=3
+"""Compiled block store of kvcache.
+
+The store keeps every layer's keys and values in fixed-size blocks drawn from
+one pool per cache, with a block table per layer and batch row (the
+PagedAttention layout, on the CPU).  Tokens are never moved once written:
+appending touches one block, ring eviction reuses the evicted tokens' slots,
+growth only lengthens the block tables.  Blocks come from the pool on first
+write, so memory follows the tokens held, not the capacity.
+
+Policy (growth strategies, statistics objects, logging) lives in plain Python
+(:mod:`kvcache.cache`); this module only calls back into it when a layer runs
+out of capacity with growth enabled.
+
+Ownership: the store owns every block and table; they are freed exactly once,
+in ``__dealloc__`` or when released to the pool beyond its spare bound.
+Arrays returned to Python (``keys``, ``values``, ``positions``) are always
+fresh copies: they never alias a block, so they stay valid after any later
+call.
+"""
+
+cimport numpy as cnp
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
+from libc.string cimport memcpy
+
+import numpy as np
+from time import perf_counter
+
+cnp.import_array()
+
+# Writes larger than this many bytes release the GIL while copying; below it,
+# releasing and re-taking the GIL costs more than the copy.
+DEF NOGIL_COPY_BYTES = 65536
+# Largest block id a table entry can hold.
+DEF MAX_BLOCKS = 2147483000
+
+
+class CacheFullError(IndexError):
+    """A write needs more capacity than the cache has and may not evict.
+
+    Raised with ``overflow="error"`` when capacity (after any growth allowed
+    by ``max_capacity``) cannot hold the tokens; nothing is written.
+    """
+
+
+_DTYPES = {"float16": (cnp.NPY_FLOAT16, 2), "float32": (cnp.NPY_FLOAT, 4)}
+
+
+cdef inline int64_t _min(int64_t a, int64_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline int64_t _max(int64_t a, int64_t b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline void _copy_row(char *dst, const char *src, int64_t n_items,
+                           int64_t stride, int64_t itemsize) noexcept nogil:
+    """Copy one head_dim row of `n_items` elements read with byte `stride`."""
+    cdef int64_t i
+    if stride == itemsize:
+        memcpy(dst, src, n_items * itemsize)
+    elif itemsize == 2:
+        for i in range(n_items):
+            (<uint16_t *>dst)[i] = (<const uint16_t *>(src + i * stride))[0]
+    else:
+        for i in range(n_items):
+            (<uint32_t *>dst)[i] = (<const uint32_t *>(src + i * stride))[0]
+
+
+cdef class KVStore:
+    """The compiled store behind :class:`kvcache.KVCache` (use that class)."""
+
+    def __cinit__(self, *args, **kwargs):
+        # Everything NULL/zero: an uninitialised store has no layers, so every
+        # layer-indexed call raises IndexError and __dealloc__ frees nothing.
+        self.layers = NULL
+        self.blocks = NULL
+        self.num_layers = 0
+        self.spare_head = -1
+        self.unused_head = -1
+
+    def __dealloc__(self):
+        cdef int64_t i
+        if self.layers != NULL:
+            for i in range(self.num_layers):
+                PyMem_RawFree(self.layers[i].table)
+            PyMem_RawFree(self.layers)
+            self.layers = NULL
+        if self.blocks != NULL:
+            for i in range(self.nblocks):
+                PyMem_RawFree(self.blocks[i].raw)   # NULL for unused descriptors
+            PyMem_RawFree(self.blocks)
+            self.blocks = NULL
+
+    def _init_store(self, int64_t num_layers, int64_t num_kv_heads, int64_t head_dim,
+                    int64_t max_seq_len, int64_t batch_size, str dtype,
+                    int64_t block_size, int64_t sink_tokens, bint ring, bint metrics):
+        """Allocate the layer tables.  Arguments are validated by KVCache."""
+        cdef int64_t i
+        cdef kv_layer *L
+        if self.layers != NULL:
+            raise ValueError("the store is already initialised")
+        self.typenum, self.itemsize = _DTYPES[dtype]
+        self._dtype = np.dtype(dtype)
+        self.num_layers = 0
+        self.batch = batch_size
+        self.heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.sinks = sink_tokens
+        self.initial_cap = max_seq_len
+        self.max_capacity = max_seq_len
+        self.ring = ring
+        self.metrics = metrics
+        self.growth_enabled = False
+        self.row_bytes = head_dim * self.itemsize
+        self.half_bytes = num_kv_heads * block_size * self.row_bytes
+        self.block_bytes = 2 * self.half_bytes
+        # One spare block per layer and row lets a truncate-then-append cycle
+        # (speculative decoding) reuse memory without going back to malloc.
+        self.max_spare = num_layers * batch_size
+        self.layers = <kv_layer *>PyMem_RawMalloc(num_layers * sizeof(kv_layer))
+        if self.layers == NULL:
+            raise MemoryError(f"cannot allocate {num_layers} layer descriptors")
+        for i in range(num_layers):
+            L = &self.layers[i]
+            L.n = L.lo = 0
+            L.hits = L.misses = L.evictions = L.updates = 0
+            L.tokens_written = L.truncations = 0
+            L.cap = 0
+            L.nblk = 0
+            L.table = NULL
+        self.num_layers = num_layers
+        for i in range(num_layers):
+            _set_capacity(self, &self.layers[i], max_seq_len)
+
+    # ------------------------------------------------------------------ pool
+
+    cdef int32_t _take_block(self) except -2:
+        """A block with refcount 1: a spare one, else freshly allocated."""
+        cdef int32_t bid
+        cdef char *raw
+        cdef kv_block *grown
+        cdef int64_t new_alloc
+        if self.spare_head >= 0:
+            bid = self.spare_head
+            self.spare_head = self.blocks[bid].next
+            self.n_spare -= 1
+            self.blocks[bid].refcount = 1
+            return bid
+        if self.unused_head >= 0:
+            bid = self.unused_head
+        else:
+            if self.nblocks == self.blocks_alloc:
+                new_alloc = _max(64, self.blocks_alloc * 2)
+                if new_alloc > MAX_BLOCKS:
+                    raise MemoryError(f"the block pool is limited to {MAX_BLOCKS} blocks")
+                grown = <kv_block *>PyMem_RawRealloc(self.blocks, new_alloc * sizeof(kv_block))
+                if grown == NULL:
+                    raise MemoryError(f"cannot grow the block pool to {new_alloc} blocks")
+                self.blocks = grown
+                self.blocks_alloc = new_alloc
+            bid = <int32_t>self.nblocks
+            self.blocks[bid].raw = NULL
+            self.blocks[bid].next = -1
+        raw = <char *>PyMem_RawMalloc(self.block_bytes + KV_ALIGN)
+        if raw == NULL:
+            if bid == self.nblocks:        # a new descriptor: park it as unused
+                self.nblocks += 1
+                self.blocks[bid].next = self.unused_head
+                self.unused_head = bid
+            raise MemoryError(f"cannot allocate a block of {self.block_bytes} bytes")
+        if bid == self.unused_head:
+            self.unused_head = self.blocks[bid].next
+        else:
+            self.nblocks += 1
+        self.blocks[bid].raw = raw
+        self.blocks[bid].data = <char *>((<uintptr_t>raw + KV_ALIGN - 1)
+                                         & ~(<uintptr_t>KV_ALIGN - 1))
+        self.blocks[bid].refcount = 1
+        self.blocks[bid].next = -1
+        self.n_data_blocks += 1
+        return bid
+
+    cdef void _release_block(self, int32_t bid) noexcept:
+        """Drop one reference; at zero keep the block spare or free it."""
+        cdef kv_block *b = &self.blocks[bid]
+        b.refcount -= 1
+        if b.refcount > 0:
+            return
+        if self.n_spare < self.max_spare:
+            b.next = self.spare_head
+            self.spare_head = bid
+            self.n_spare += 1
+        else:
+            PyMem_RawFree(b.raw)
+            b.raw = NULL
+            b.data = NULL
+            b.next = self.unused_head
+            self.unused_head = bid
+            self.n_data_blocks -= 1
+
+    cdef void _release_tail(self, kv_layer *L, int64_t first_blk) noexcept:
+        """Release every row's blocks from table index `first_blk` on."""
+        cdef int64_t r, j
+        cdef int32_t *row
+        for r in range(self.batch):
+            row = L.table + r * L.nblk
+            for j in range(first_blk, L.nblk):
+                if row[j] >= 0:
+                    self._release_block(row[j])
+                    row[j] = -1
+
+    # --------------------------------------------------------------- mapping
+
+    cdef int64_t _held(self, const kv_layer *L) noexcept nogil:
+        return _min(self.sinks, L.lo) + L.n - L.lo
+
+    cdef int64_t _run(self, const kv_layer *L, int64_t p, int64_t end,
+                      int64_t *slot) noexcept nogil:
+        """Slot of position p, and how many positions from p (< end) follow it
+        in consecutive slots of the same block."""
+        cdef int64_t s, lim
+        if p < self.sinks:
+            s = p
+            lim = self.sinks - p
+        else:
+            s = self.sinks + (p - self.sinks) % (L.cap - self.sinks)
+            lim = L.cap - s
+        slot[0] = s
+        return _min(_min(end - p, lim), self.block_size - s % self.block_size)
+
+    cdef int _ensure_blocks(self, kv_layer *L, int64_t a, int64_t b) except -1:
+        """Give every slot of positions [a, b), in every row, a block of its
+        own (refcount 1).  All-or-nothing: on MemoryError no table changes."""
+        cdef int64_t p, c, slot, r, need = 0, used = 0, i
+        cdef int32_t bid, old
+        cdef int32_t *row
+        cdef int32_t stack_ids[32]
+        cdef int32_t *ids = stack_ids
+        # Pass 1: count the entries that need a (new or unshared) block.
+        for r in range(self.batch):
+            row = L.table + r * L.nblk
+            p = a
+            while p < b:
+                c = self._run(L, p, b, &slot)
+                bid = row[slot // self.block_size]
+                if bid < 0 or self.blocks[bid].refcount > 1:
+                    need += 1
+                p += c
+        if need == 0:
+            return 0
+        if need > 32:
+            ids = <int32_t *>PyMem_RawMalloc(need * sizeof(int32_t))
+            if ids == NULL:
+                raise MemoryError(f"cannot plan {need} block allocations")
+        try:
+            for i in range(need):
+                ids[i] = self._take_block()
+                used += 1
+        except MemoryError:
+            for i in range(used):
+                self._release_block(ids[i])
+            if ids != stack_ids:
+                PyMem_RawFree(ids)
+            raise
+        # Pass 2: install them; a shared block is copied first (copy-on-write).
+        used = 0
+        for r in range(self.batch):
+            row = L.table + r * L.nblk
+            p = a
+            while p < b:
+                c = self._run(L, p, b, &slot)
+                old = row[slot // self.block_size]
+                if old < 0 or self.blocks[old].refcount > 1:
+                    bid = ids[used]
+                    used += 1
+                    if old >= 0:
+                        memcpy(self.blocks[bid].data, self.blocks[old].data, self.block_bytes)
+                        self._release_block(old)
+                    row[slot // self.block_size] = bid
+                p += c
+        for i in range(used, need):        # pass 1 may over-count a revisited block
+            self._release_block(ids[i])
+        if ids != stack_ids:
+            PyMem_RawFree(ids)
+        return 0
+
+    cdef void _gather(self, const kv_layer *L, int64_t half, char *out) noexcept nogil:
+        """Copy the held tokens of one half (0: keys, half_bytes: values) into
+        `out`, laid out [batch][heads][held][head_dim], in position order."""
+        cdef int64_t nh = self._held(L), r, h, i, p, c, slot, k, end, start
+        cdef int64_t head_stride = self.block_size * self.row_bytes
+        cdef const int32_t *row
+        cdef const char *src
+        cdef char *dst
+        for r in range(self.batch):
+            row = L.table + r * L.nblk
+            dst = out + r * self.heads * nh * self.row_bytes
+            i = 0
+            for k in range(2):
+                if k == 0:
+                    start = 0
+                    end = _min(self.sinks, L.lo)
+                else:
+                    start = L.lo
+                    end = L.n
+                p = start
+                while p < end:
+                    c = self._run(L, p, end, &slot)
+                    src = (self.blocks[row[slot // self.block_size]].data + half
+                           + (slot % self.block_size) * self.row_bytes)
+                    for h in range(self.heads):
+                        memcpy(dst + (h * nh + i) * self.row_bytes,
+                               src + h * head_stride, c * self.row_bytes)
+                    p += c
+                    i += c
+
+    # ------------------------------------------------------------ public API
+
+    def update(self, Py_ssize_t layer_idx, object k, object v, Py_ssize_t seq_len):
+        """Write ``k``/``v`` at positions ``seq_len - t .. seq_len - 1`` of the
+        layer and set its length to ``seq_len`` (``t = k.shape[2]``).
+
+        Appends, overwrites in place or truncates by that one rule; see
+        :class:`kvcache.KVCache` for the full statement.  Validates everything
+        before it changes anything.
+        """
+        cdef kv_layer *L
+        cdef cnp.ndarray ka, va
+        cdef int64_t t = 0
+        if layer_idx < 0 or layer_idx >= self.num_layers:
+            raise IndexError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
+        L = &self.layers[layer_idx]
+        if k is None and v is None:
+            ka = va = None
+        elif k is None or v is None:
+            raise TypeError("k and v must both be arrays, or both None for a pure truncate; "
+                            f"got k={type(k).__name__}, v={type(v).__name__}")
+        else:
+            ka = self._as_input(k, "k")
+            va = self._as_input(v, "v")
+            t = cnp.PyArray_DIMS(ka)[2]
+            if cnp.PyArray_DIMS(va)[2] != t:
+                raise ValueError(f"k and v must hold the same number of tokens: "
+                                 f"k has {t}, v has {cnp.PyArray_DIMS(va)[2]}")
+        self._write(L, layer_idx, ka, va, t, seq_len)
+
+    cdef cnp.ndarray _as_input(self, object x, str name):
+        """`x` as an ndarray of the cache dtype and shape [batch, heads, t, head_dim].
+
+        The fast path (an ndarray already of the cache dtype, native byte
+        order) costs a few pointer reads; anything else goes through numpy.
+        """
+        cdef cnp.ndarray a
+        cdef cnp.npy_intp *d
+        if (cnp.PyArray_Check(x) and cnp.PyArray_TYPE(<cnp.ndarray>x) == self.typenum
+                and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>x)):
+            a = <cnp.ndarray>x
+        else:
+            a = self._convert_input(x, name)
+        if cnp.PyArray_NDIM(a) != 4:
+            raise ValueError(f"{name} must have 4 dimensions [batch, kv_heads, tokens, head_dim], "
+                             f"got shape {np.shape(a)}")
+        d = cnp.PyArray_DIMS(a)
+        if d[0] != self.batch or d[1] != self.heads or d[3] != self.head_dim:
+            raise ValueError(
+                f"{name} must have shape [{self.batch}, {self.heads}, tokens, {self.head_dim}] "
+                f"(batch, kv_heads, tokens, head_dim), got {np.shape(a)}")
+        return a
+
+    cdef cnp.ndarray _convert_input(self, object x, str name):
+        if not cnp.PyArray_Check(x):
+            try:
+                x = np.asarray(x)
+            except Exception as exc:
+                raise TypeError(f"{name} must be an array of float16 or float32, "
+                                f"got {type(x).__name__}") from exc
+        dt = (<cnp.ndarray>x).dtype
+        if dt.kind != "f" or dt.itemsize not in (2, 4):
+            raise TypeError(f"{name} must have dtype float16 or float32, got {dt}")
+        return np.asarray(x, dtype=self._dtype)
+
+    cdef int _write(self, kv_layer *L, Py_ssize_t layer_idx, cnp.ndarray ka,
+                    cnp.ndarray va, int64_t t, int64_t m) except -1:
+        cdef int64_t S = self.sinks, start, n_t, lo_t, lo_new, cap, held_after
+        cdef int64_t a0, b0, a1, b1, written, old_cap = L.cap, old_nblk = L.nblk
+        cdef int32_t *old_table = NULL
+        cdef double grow_seconds = 0.0
+        if m < 0:
+            raise ValueError(f"seq_len must be >= 0, got {m}")
+        start = m - t
+        if start < 0:
+            raise ValueError(f"seq_len ({m}) must be at least the number of tokens given ({t})")
+        if start > L.n:
+            raise ValueError(
+                f"writing {t} tokens at positions {start}..{m - 1} would leave a hole: "
+                f"layer {layer_idx} holds {L.n} tokens, so the first position written "
+                f"must be <= {L.n}")
+        # The truncation part of the rule: drop positions >= m.
+        n_t = _min(L.n, m)
+        lo_t = _min(L.lo, m)
+        # Positions rewritten in place must still be held: none of [start, n_t)
+        # may fall in the evicted gap [S, lo_t) (empty unless the ring wrapped).
+        if start < n_t and lo_t > S and start < lo_t and n_t > S:
+            raise IndexError(
+                f"positions {start}..{n_t - 1} of layer {layer_idx} include positions the "
+                f"ring already evicted ({S}..{lo_t - 1}); the oldest writable window "
+                f"position is {lo_t}")
+        cap = L.cap
+        held_after = _min(S, lo_t) + m - lo_t
+        # Growth keeps the layout linear, so it is only possible while every
+        # stored position still sits in slot == position (n_t <= cap).
+        if held_after > cap and self.growth_enabled and n_t <= cap and cap < self.max_capacity:
+            grow_seconds = perf_counter()
+            cap = self._grown_capacity(layer_idx, cap, m)
+            old_table = _set_capacity(self, L, cap)
+            grow_seconds = perf_counter() - grow_seconds
+        lo_new = lo_t
+        try:
+            if held_after > cap:
+                if not self.ring:
+                    raise CacheFullError(
+                        f"layer {layer_idx} would hold {held_after} tokens but its capacity is "
+                        f"{cap} and overflow='error'; nothing was written")
+                lo_new = m - (cap - S)       # evict the oldest window positions
+            # The positions written: those of [start, m) still held afterwards.
+            # Evicted slots are reused as they are (the ring never copies).
+            a0 = start
+            b0 = _max(start, _min(m, _min(S, lo_new)))
+            a1 = _max(start, lo_new)
+            b1 = m
+            self._ensure_blocks(L, a0, b0)       # may raise MemoryError
+            self._ensure_blocks(L, a1, b1)
+        except BaseException:
+            if old_table != NULL:                # undo the growth
+                _restore_table(self, L, old_table, old_cap, old_nblk)
+            raise
+        # ---- commit: nothing below can fail
+        written = (b0 - a0) + (b1 - a1)
+        if self.metrics:
+            L.evictions += ((_min(S, lo_t) + n_t - lo_t) + (m - n_t)
+                            - (_min(S, lo_new) + m - lo_new)) * self.batch
+            L.updates += 1
+            L.tokens_written += written * self.batch
+            if m < L.n:
+                L.truncations += 1
+        if m < L.n and lo_new <= S:
+            # Linear layout: blocks wholly past position m hold nothing now.
+            self._release_tail(L, _ceil_div(m, self.block_size))
+        L.n = m
+        L.lo = lo_new
+        if written:
+            if written * self.batch * self.heads * self.row_bytes * 2 > NOGIL_COPY_BYTES:
+                with nogil:
+                    _scatter_kv(self, L, ka, va, start, a0, b0, a1, b1)
+            else:
+                _scatter_kv(self, L, ka, va, start, a0, b0, a1, b1)
+        if old_table != NULL:
+            PyMem_RawFree(old_table)
+            self._growth_done(layer_idx, old_cap, cap, grow_seconds)
+        return 0
+
+    def _grown_capacity(self, Py_ssize_t layer_idx, int64_t cap, int64_t needed):
+        """Growth policy hook (KVCache overrides it): the new capacity."""
+        return cap
+
+    def _growth_done(self, Py_ssize_t layer_idx, int64_t old_cap, int64_t new_cap,
+                     double seconds):
+        """Called after a growth committed (KVCache logs and counts it)."""
+
+    def seq_len(self, Py_ssize_t layer_idx):
+        """Tokens logically in the layer: its absolute length, evicted included."""
+        return self._layer(layer_idx).n
+
+    def capacity(self, Py_ssize_t layer_idx):
+        """Tokens the layer can hold before it evicts, grows or fails."""
+        return self._layer(layer_idx).cap
+
+    def held(self, Py_ssize_t layer_idx):
+        """Tokens the layer holds (sinks plus window)."""
+        return self._held(self._layer(layer_idx))
+
+    cdef kv_layer *_layer(self, Py_ssize_t layer_idx) except NULL:
+        if layer_idx < 0 or layer_idx >= self.num_layers:
+            raise IndexError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
+        return &self.layers[layer_idx]
+
+    def keys(self, Py_ssize_t layer_idx):
+        """The held keys, [batch, kv_heads, held, head_dim], in position order
+        (sinks, then window).  Always a fresh copy."""
+        return self._read(layer_idx, 0)
+
+    def values(self, Py_ssize_t layer_idx):
+        """The held values, laid out as :meth:`keys`.  Always a fresh copy."""
+        return self._read(layer_idx, 1)
+
+    cdef object _read(self, Py_ssize_t layer_idx, int which):
+        cdef kv_layer *L = self._layer(layer_idx)
+        cdef int64_t nh = self._held(L)
+        cdef cnp.ndarray out = np.empty((self.batch, self.heads, nh, self.head_dim),
+                                        dtype=self._dtype)
+        cdef char *dst = <char *>cnp.PyArray_DATA(out)
+        cdef int64_t half = which * self.half_bytes
+        if nh * self.batch * self.heads * self.row_bytes > NOGIL_COPY_BYTES:
+            with nogil:
+                self._gather(L, half, dst)
+        else:
+            self._gather(L, half, dst)
+        if self.metrics:
+            # Every token read here comes from the full-precision tier.
+            L.hits += nh * self.batch
+        return out
+
+    def positions(self, Py_ssize_t layer_idx):
+        """Absolute positions held, in the order keys() returns them (int64)."""
+        cdef kv_layer *L = self._layer(layer_idx)
+        return np.concatenate((np.arange(_min(self.sinks, L.lo), dtype=np.int64),
+                               np.arange(L.lo, L.n, dtype=np.int64)))
+
+    def truncate(self, Py_ssize_t seq_len, layer_idx=None):
+        """Drop every position >= seq_len (of one layer, or all when None).
+
+        A layer already shorter than ``seq_len`` is left as it is (like
+        transformers' ``crop``).
+        """
+        cdef Py_ssize_t i, lo_i, hi_i
+        if seq_len < 0:
+            raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+        if layer_idx is None:
+            lo_i, hi_i = 0, self.num_layers
+        else:
+            self._layer(layer_idx)
+            lo_i = layer_idx
+            hi_i = lo_i + 1
+        for i in range(lo_i, hi_i):
+            if self.layers[i].n > seq_len:
+                self._write(&self.layers[i], i, None, None, 0, seq_len)
+
+    def reset(self):
+        """Empty every layer and return capacity to ``max_seq_len``.
+
+        Counters are kept (see ``reset_stats``); blocks go back to the pool.
+        """
+        cdef int64_t i
+        cdef kv_layer *L
+        for i in range(self.num_layers):
+            L = &self.layers[i]
+            self._release_tail(L, 0)
+            L.n = L.lo = 0
+            if L.cap != self.initial_cap:
+                PyMem_RawFree(_set_capacity(self, L, self.initial_cap))
+
+    # -------------------------------------------------------------- metrics
+
+    def _counters(self):
+        """Per-layer counters as a dict of int64 arrays (read by CacheStats)."""
+        cdef int64_t i
+        cdef kv_layer *L
+        names = ("hits", "misses", "evictions", "updates", "tokens_written", "truncations")
+        out = {k: np.zeros(self.num_layers, dtype=np.int64) for k in names}
+        for i in range(self.num_layers):
+            L = &self.layers[i]
+            for k, val in zip(names, (L.hits, L.misses, L.evictions, L.updates,
+                                      L.tokens_written, L.truncations)):
+                out[k][i] = val
+        return out
+
+    def _reset_counters(self):
+        cdef int64_t i
+        cdef kv_layer *L
+        for i in range(self.num_layers):
+            L = &self.layers[i]
+            L.hits = L.misses = L.evictions = L.updates = 0
+            L.tokens_written = L.truncations = 0
+
+    def _memory(self):
+        """(memory_bytes, live_bytes, data_blocks, spare_blocks)."""
+        cdef int64_t i, meta, live = 0
+        meta = (self.blocks_alloc * sizeof(kv_block) + self.num_layers * sizeof(kv_layer))
+        for i in range(self.num_layers):
+            meta += self.layers[i].nblk * self.batch * sizeof(int32_t)
+            live += self._held(&self.layers[i])
+        live *= self.batch * self.heads * self.row_bytes * 2
+        return (self.n_data_blocks * (self.block_bytes + KV_ALIGN) + meta, live,
+                self.n_data_blocks, self.n_spare)
+
+    property dtype:
+        def __get__(self):
+            return self._dtype
+
+    property num_layers:
+        def __get__(self):
+            return self.num_layers
+
+    property num_kv_heads:
+        def __get__(self):
+            return self.heads
+
+    property head_dim:
+        def __get__(self):
+            return self.head_dim
+
+    property batch_size:
+        def __get__(self):
+            return self.batch
+
+    property block_size:
+        def __get__(self):
+            return self.block_size
+
+    property sink_tokens:
+        def __get__(self):
+            return self.sinks
+
+    property max_seq_len:
+        def __get__(self):
+            return self.initial_cap
+
+    property overflow:
+        def __get__(self):
+            return "ring" if self.ring else "error"
+
+    property metrics_enabled:
+        def __get__(self):
+            return self.metrics
+
+    def _set_growth(self, bint enabled, int64_t max_capacity):
+        self.growth_enabled = enabled
+        self.max_capacity = max_capacity
+
+
+cdef int32_t *_set_capacity(KVStore s, kv_layer *L, int64_t cap) except? NULL:
+    """Give the layer a table for `cap` tokens; entries keep their block.
+
+    Returns the previous table for the caller to free (or to restore with
+    _restore_table if what follows fails).  Raises MemoryError leaving the
+    layer unchanged.  Shrinking releases the blocks past the new end.
+    """
+    cdef int64_t nblk = _ceil_div(cap, s.block_size), r, j, keep
+    cdef int32_t *table = <int32_t *>PyMem_RawMalloc(_max(1, nblk * s.batch) * sizeof(int32_t))
+    cdef int32_t *old = L.table
+    if table == NULL:
+        raise MemoryError(f"cannot allocate a block table for {cap} tokens")
+    keep = _min(nblk, L.nblk)
+    if nblk < L.nblk:
+        s._release_tail(L, nblk)
+    for r in range(s.batch):
+        for j in range(nblk):
+            table[r * nblk + j] = L.table[r * L.nblk + j] if j < keep else -1
+    L.table = table
+    L.nblk = nblk
+    L.cap = cap
+    return old
+
+
+cdef void _restore_table(KVStore s, kv_layer *L, int32_t *old_table, int64_t old_cap,
+                         int64_t old_nblk) noexcept:
+    """Undo a _set_capacity that grew the table (blocks it gained are released)."""
+    s._release_tail(L, old_nblk)
+    PyMem_RawFree(L.table)
+    L.table = old_table
+    L.cap = old_cap
+    L.nblk = old_nblk
+
+
+cdef void _scatter_kv(KVStore s, const kv_layer *L, cnp.ndarray ka, cnp.ndarray va,
+                     int64_t start, int64_t a0, int64_t b0, int64_t a1,
+                     int64_t b1) noexcept nogil:
+    """Copy the input tokens of positions [a0, b0) and [a1, b1) into their slots."""
+    cdef const char *kd = <const char *>cnp.PyArray_DATA(ka)
+    cdef const char *vd = <const char *>cnp.PyArray_DATA(va)
+    cdef const cnp.npy_intp *ks = cnp.PyArray_STRIDES(ka)
+    cdef const cnp.npy_intp *vs = cnp.PyArray_STRIDES(va)
+    _scatter(s, L, kd, ks, 0, start, a0, b0)
+    _scatter(s, L, kd, ks, 0, start, a1, b1)
+    _scatter(s, L, vd, vs, s.half_bytes, start, a0, b0)
+    _scatter(s, L, vd, vs, s.half_bytes, start, a1, b1)
+
+
+cdef void _scatter(KVStore s, const kv_layer *L, const char *base,
+                   const cnp.npy_intp *st, int64_t half, int64_t start,
+                   int64_t a, int64_t b) noexcept nogil:
+    """Copy input tokens of positions [a, b) (input index p - start), read
+    with byte strides `st`, into one half of their slots, every row and head."""
+    cdef int64_t r, h, p, c, slot, j
+    cdef int64_t head_stride = s.block_size * s.row_bytes
+    cdef bint dense = st[3] == s.itemsize and st[2] == s.row_bytes
+    cdef const int32_t *row
+    cdef char *dst
+    cdef const char *src
+    for r in range(s.batch):
+        row = L.table + r * L.nblk
+        p = a
+        while p < b:
+            c = s._run(L, p, b, &slot)
+            dst = (s.blocks[row[slot // s.block_size]].data + half
+                   + (slot % s.block_size) * s.row_bytes)
+            for h in range(s.heads):
+                src = base + r * st[0] + h * st[1] + (p - start) * st[2]
+                if dense:
+                    memcpy(dst + h * head_stride, src, c * s.row_bytes)
+                else:
+                    for j in range(c):
+                        _copy_row(dst + h * head_stride + j * s.row_bytes,
+                                  src + j * st[2], s.head_dim, st[3], s.itemsize)
+            p += c

@@ -1,0 +1,216 @@
+"""The public cache object: the compiled store plus its Python policies."""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Optional
+
+import numpy as np
+
+from ._core import KVStore
+from .growth import GrowthStrategy
+from .stats import CacheStats
+
+__all__ = ["KVCache", "DEFAULT_BLOCK_SIZE", "MAX_TOKENS"]
+
+logger = logging.getLogger("kvcache")
+
+# Tokens per block.  Measured (README, "Choosing the block size"): 64 keeps a
+# one-token update at its floor and makes keys()/values() copy 8 KiB runs per
+# head in float16; smaller blocks cost more runs per read, larger ones more
+# slack per layer and row at short contexts.
+DEFAULT_BLOCK_SIZE = 64
+# Largest capacity accepted: far beyond any context, small enough that no
+# size computed from it can overflow 64 bits.
+MAX_TOKENS = 2**40
+
+_DTYPE_NAMES = {np.dtype("float16"): "float16", np.dtype("float32"): "float32"}
+
+
+def _positive_int(name: str, value, minimum: int = 1, maximum: int = MAX_TOKENS) -> int:
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if not minimum <= v <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {v}")
+    return v
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be 'float16' or 'float32', got {dtype!r}") from None
+    if dt not in _DTYPE_NAMES:
+        raise TypeError(f"dtype must be 'float16' or 'float32', got {dt}")
+    return _DTYPE_NAMES[dt]
+
+
+class KVCache(KVStore):
+    """Key/value cache of a transformer: every layer's K and V in paged blocks.
+
+    Parameters
+    ----------
+    num_layers, num_kv_heads, head_dim:
+        The model's shape.
+    max_seq_len:
+        Capacity in tokens of each layer (before any growth).
+    batch_size:
+        Rows per update; every row of a layer shares its length.
+    dtype:
+        Storage dtype, ``"float16"`` or ``"float32"``.  Inputs of either
+        dtype are accepted and cast (the fast path is an input already of the
+        storage dtype).
+    block_size:
+        Tokens per block (default :data:`DEFAULT_BLOCK_SIZE`).
+    sink_tokens:
+        Positions ``0 .. sink_tokens - 1`` are never evicted by the ring
+        (attention sinks; llama.cpp's ``n_keep``).
+    overflow:
+        ``"ring"``: past capacity keep the sinks and the most recent
+        ``max_seq_len - sink_tokens`` positions, reusing the evicted tokens'
+        slots.  ``"error"``: raise :class:`CacheFullError`, writing nothing.
+    metrics:
+        Maintain the counters of :meth:`stats` (on by default; the cost is a
+        few integer additions per call).
+
+    The update rule
+    ---------------
+    ``update(layer_idx, k, v, seq_len)`` writes the ``t = k.shape[2]`` given
+    tokens at positions ``seq_len - t .. seq_len - 1`` and sets the layer's
+    length to ``seq_len``, dropping everything at or beyond it: an append
+    when ``seq_len - t`` equals the length, an in-place overwrite when
+    ``seq_len`` equals it, a truncation (with the last ``t`` positions
+    rewritten) when ``seq_len`` is smaller; ``k = v = None`` is a pure
+    truncation.  A hole, a rewrite of an evicted position, a wrong shape,
+    dtype, layer or length raises and leaves the cache unchanged.
+
+    Thread safety: calls on *different* layers may run concurrently from
+    several threads (counters are per layer; the pool is only touched with
+    the GIL held, large copies release it).  Calls on the same layer, and
+    ``reset``/``truncate(layer_idx=None)``/``enable_dynamic_growth`` against
+    anything else, must be serialised by the caller.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
+                 max_seq_len: int = 4096, batch_size: int = 1, dtype="float16",
+                 block_size: Optional[int] = None, sink_tokens: int = 0,
+                 overflow: str = "ring", metrics: bool = True) -> None:
+        num_layers = _positive_int("num_layers", num_layers, maximum=1 << 20)
+        num_kv_heads = _positive_int("num_kv_heads", num_kv_heads, maximum=1 << 16)
+        head_dim = _positive_int("head_dim", head_dim, maximum=1 << 16)
+        max_seq_len = _positive_int("max_seq_len", max_seq_len)
+        batch_size = _positive_int("batch_size", batch_size, maximum=1 << 20)
+        block_size = _positive_int("block_size", DEFAULT_BLOCK_SIZE if block_size is None
+                                   else block_size, maximum=1 << 20)
+        sink_tokens = _positive_int("sink_tokens", sink_tokens, minimum=0)
+        name = _dtype_name(dtype)
+        if overflow not in ("ring", "error"):
+            raise ValueError(f"overflow must be 'ring' or 'error', got {overflow!r}")
+        if sink_tokens >= max_seq_len:
+            raise ValueError(f"sink_tokens ({sink_tokens}) must be smaller than max_seq_len "
+                             f"({max_seq_len}) to leave room for a window")
+        token_bytes = 2 * batch_size * num_kv_heads * head_dim * np.dtype(name).itemsize
+        if token_bytes * block_size > 1 << 40:
+            raise ValueError(f"one block would take {token_bytes * block_size} bytes; "
+                             "reduce block_size, heads, head_dim or batch_size")
+        self._init_store(num_layers, num_kv_heads, head_dim, max_seq_len, batch_size, name,
+                         block_size, sink_tokens, overflow == "ring", bool(metrics))
+        self._token_bytes = token_bytes
+        self._strategy: Optional[GrowthStrategy] = None
+        self._growths = 0
+        self._growth_bytes = 0
+        self._growth_seconds = 0.0
+
+    # ----------------------------------------------------------------- growth
+
+    def enable_dynamic_growth(self, strategy: Optional[GrowthStrategy] = None,
+                              max_capacity: Optional[int] = None) -> None:
+        """Grow a layer's capacity when it runs out, instead of evicting or failing.
+
+        ``strategy`` defaults to ``GrowthStrategy.exponential(1.5)``;
+        ``max_capacity`` (tokens, default unbounded) caps it, after which
+        ``overflow`` applies.  Growth never moves a stored token.  A layer
+        whose ring has already wrapped cannot grow (its slots no longer match
+        its positions): truncate or reset it first.
+        """
+        if strategy is None:
+            strategy = GrowthStrategy.exponential(1.5)
+        if not isinstance(strategy, GrowthStrategy):
+            raise TypeError(f"strategy must be a GrowthStrategy, got {type(strategy).__name__}")
+        cap_max = MAX_TOKENS if max_capacity is None else _positive_int("max_capacity",
+                                                                          max_capacity)
+        for i in range(self.num_layers):
+            if cap_max < self.capacity(i):
+                raise ValueError(f"max_capacity ({cap_max}) is below layer {i}'s capacity "
+                                 f"({self.capacity(i)})")
+            if self.seq_len(i) > self.capacity(i):
+                raise ValueError(f"layer {i}'s ring has wrapped (seq_len {self.seq_len(i)} > "
+                                 f"capacity {self.capacity(i)}); truncate or reset it first")
+        self._strategy = strategy
+        self._set_growth(True, cap_max)
+
+    def disable_dynamic_growth(self) -> None:
+        """Stop growing; capacities stay where growth left them."""
+        self._set_growth(False, max(self.capacity(i) for i in range(self.num_layers)))
+        self._strategy = None
+
+    @property
+    def growth_strategy(self) -> Optional[GrowthStrategy]:
+        return self._strategy
+
+    def _grown_capacity(self, layer_idx: int, cap: int, needed: int) -> int:
+        new = self._strategy.next_capacity(cap, needed, self.block_size, layer_idx)
+        return min(new, self._max_capacity())
+
+    def _max_capacity(self) -> int:
+        return self._growth_limit
+
+    def _set_growth(self, enabled: bool, max_capacity: int) -> None:
+        self._growth_limit = max_capacity
+        super()._set_growth(enabled, max_capacity)
+
+    def _growth_done(self, layer_idx: int, old_cap: int, new_cap: int, seconds: float) -> None:
+        self._growths += 1
+        self._growth_bytes += (new_cap - old_cap) * self._token_bytes
+        self._growth_seconds += seconds
+        logger.info("kvcache: layer %d capacity %d -> %d tokens (%.1f us)",
+                    layer_idx, old_cap, new_cap, seconds * 1e6)
+
+    # ---------------------------------------------------------------- metrics
+
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters and memory gauges (see :mod:`kvcache.stats`).
+
+        Reading it never stops the cache; it costs O(layers).
+        """
+        c = self._counters()
+        memory, live, blocks, spare = self._memory()
+        per_layer = tuple(
+            {k: int(v[i]) for k, v in c.items()} for i in range(self.num_layers))
+        return CacheStats(
+            hits=int(c["hits"].sum()), misses=int(c["misses"].sum()),
+            evictions=int(c["evictions"].sum()), growths=self._growths,
+            growth_bytes=self._growth_bytes, growth_seconds=self._growth_seconds,
+            updates=int(c["updates"].sum()), tokens_written=int(c["tokens_written"].sum()),
+            truncations=int(c["truncations"].sum()), memory_bytes=memory, live_bytes=live,
+            blocks=blocks, spare_blocks=spare,
+            tokens_held=sum(self.held(i) for i in range(self.num_layers)),
+            capacity_tokens=sum(self.capacity(i) for i in range(self.num_layers)),
+            per_layer=per_layer)
+
+    def reset_stats(self) -> None:
+        """Zero every counter (gauges such as memory are not counters)."""
+        self._reset_counters()
+        self._growths = 0
+        self._growth_bytes = 0
+        self._growth_seconds = 0.0
+
+    def __repr__(self) -> str:
+        return (f"KVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, "
+                f"batch_size={self.batch_size}, dtype='{self.dtype}', "
+                f"block_size={self.block_size}, sink_tokens={self.sink_tokens}, "
+                f"overflow='{self.overflow}')")

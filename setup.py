@@ -1,0 +1,50 @@
+"""Build the compiled core.
+
+Everything is compiled for the baseline of the target architecture: the
+wheels run on any CPU of that architecture.  ``KVCACHE_NATIVE=1`` opts in to
+``-march=native`` for a build that will only ever run on the machine that
+built it (it has crashed other projects' users with SIGILL when such a build
+was shipped, so it is never the default).  ``KVCACHE_DEBUG=1`` turns Cython's
+bounds and wraparound checks back on and builds without optimisation.
+"""
+
+import os
+import sys
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("KVCACHE_DEBUG") == "1"
+NATIVE = os.environ.get("KVCACHE_NATIVE") == "1"
+
+compile_args = []
+if sys.platform != "win32":
+    compile_args += ["-O0", "-g"] if DEBUG else ["-O3"]
+    if NATIVE:
+        compile_args.append("-march=native")
+    # The hot loops rely on no strict-aliasing tricks, but numpy's headers
+    # emit deprecation warnings we cannot fix here.
+    compile_args.append("-Wno-unused-function")
+
+extensions = [
+    Extension(
+        "kvcache._core",
+        sources=["kvcache/_core.pyx"],
+        include_dirs=[numpy.get_include(), "include"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=compile_args,
+        depends=["include/kv_platform.h", "kvcache/_core.pxd"],
+    )
+]
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "cdivision": True,
+    "initializedcheck": DEBUG,
+    "embedsignature": True,
+}
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))
