@@ -9,6 +9,11 @@ cdef extern from "kv_platform.h":
     int KV_HAVE_PREFETCH
     int KV_ALIGN
 
+# Descriptor arrays replaced as the pool grows (sizes double from 64, so 32
+# covers any pool that block ids can address).
+cdef enum:
+    MAX_RETIRED = 32
+
 
 # One fixed-size block of the pool: `block_size` tokens of one layer and one
 # batch row, keys then values, each laid out [heads][block_size][head_dim] so
@@ -55,6 +60,8 @@ cdef class KVStore:
         int32_t spare_head      # spare blocks: data kept for reuse
         int32_t unused_head     # descriptors without data
         int64_t n_spare, max_spare, n_data_blocks
+        kv_block *retired[MAX_RETIRED]   # old descriptor arrays, freed at dealloc
+        int n_retired
 
     cdef int32_t _take_block(self) except -2
     cdef void _release_block(self, int32_t bid) noexcept
@@ -62,7 +69,8 @@ cdef class KVStore:
     cdef int64_t _run(self, const kv_layer *L, int64_t p, int64_t end,
                       int64_t *slot) noexcept nogil
     cdef int64_t _held(self, const kv_layer *L) noexcept nogil
-    cdef int _ensure_blocks(self, kv_layer *L, int64_t a, int64_t b) except -1
+    cdef int _ensure_blocks(self, kv_layer *L, int64_t a0, int64_t b0,
+                            int64_t a1, int64_t b1) except -1
     cdef void _gather(self, const kv_layer *L, int64_t half, char *out) noexcept nogil
     cdef cnp.ndarray _as_input(self, object x, str name)
     cdef cnp.ndarray _convert_input(self, object x, str name)

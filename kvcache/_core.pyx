@@ -20,7 +20,7 @@ call.
 """
 
 cimport numpy as cnp
-from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
 from libc.string cimport memcpy
 
@@ -29,11 +29,12 @@ from time import perf_counter
 
 cnp.import_array()
 
-# Writes larger than this many bytes release the GIL while copying; below it,
-# releasing and re-taking the GIL costs more than the copy.
-DEF NOGIL_COPY_BYTES = 65536
-# Largest block id a table entry can hold.
-DEF MAX_BLOCKS = 2147483000
+cdef enum:
+    # Copies larger than this many bytes release the GIL; below it, releasing
+    # and re-taking the GIL costs more than the copy.
+    NOGIL_COPY_BYTES = 65536
+    # Most blocks a pool may hold (ids are int32 table entries).
+    MAX_BLOCKS = 2147483000
 
 
 class CacheFullError(IndexError):
@@ -84,6 +85,7 @@ cdef class KVStore:
         self.num_layers = 0
         self.spare_head = -1
         self.unused_head = -1
+        self.n_retired = 0
 
     def __dealloc__(self):
         cdef int64_t i
@@ -97,6 +99,9 @@ cdef class KVStore:
                 PyMem_RawFree(self.blocks[i].raw)   # NULL for unused descriptors
             PyMem_RawFree(self.blocks)
             self.blocks = NULL
+        for i in range(self.n_retired):
+            PyMem_RawFree(self.retired[i])
+        self.n_retired = 0
 
     def _init_store(self, int64_t num_layers, int64_t num_kv_heads, int64_t head_dim,
                     int64_t max_seq_len, int64_t batch_size, str dtype,
@@ -161,9 +166,20 @@ cdef class KVStore:
                 new_alloc = _max(64, self.blocks_alloc * 2)
                 if new_alloc > MAX_BLOCKS:
                     raise MemoryError(f"the block pool is limited to {MAX_BLOCKS} blocks")
-                grown = <kv_block *>PyMem_RawRealloc(self.blocks, new_alloc * sizeof(kv_block))
-                if grown == NULL:
+                # Not realloc: a thread copying another layer's tokens without
+                # the GIL may still hold the old array.  Descriptors of blocks
+                # in use never change while their layer holds them, so the old
+                # copy stays valid for such a reader; old arrays are retired
+                # and freed in __dealloc__ (sizes double: they add up to less
+                # than the live array).
+                grown = <kv_block *>PyMem_RawMalloc(new_alloc * sizeof(kv_block))
+                if grown == NULL or self.n_retired == MAX_RETIRED:
+                    PyMem_RawFree(grown)
                     raise MemoryError(f"cannot grow the block pool to {new_alloc} blocks")
+                if self.blocks != NULL:
+                    memcpy(grown, self.blocks, self.nblocks * sizeof(kv_block))
+                    self.retired[self.n_retired] = self.blocks
+                    self.n_retired += 1
                 self.blocks = grown
                 self.blocks_alloc = new_alloc
             bid = <int32_t>self.nblocks
@@ -236,57 +252,62 @@ cdef class KVStore:
         slot[0] = s
         return _min(_min(end - p, lim), self.block_size - s % self.block_size)
 
-    cdef int _ensure_blocks(self, kv_layer *L, int64_t a, int64_t b) except -1:
-        """Give every slot of positions [a, b), in every row, a block of its
-        own (refcount 1).  All-or-nothing: on MemoryError no table changes."""
-        cdef int64_t p, c, slot, r, need = 0, used = 0, i
+    cdef int _ensure_blocks(self, kv_layer *L, int64_t a0, int64_t b0,
+                            int64_t a1, int64_t b1) except -1:
+        """Give every slot of positions [a0, b0) and [a1, b1), in every row, a
+        block of its own (refcount 1).  All-or-nothing: on MemoryError no
+        table entry changes."""
+        cdef int64_t p, c, slot, r, need = 0, used = 0, i, rng, a, b
         cdef int32_t bid, old
         cdef int32_t *row
         cdef int32_t stack_ids[32]
         cdef int32_t *ids = stack_ids
-        # Pass 1: count the entries that need a (new or unshared) block.
-        for r in range(self.batch):
-            row = L.table + r * L.nblk
-            p = a
-            while p < b:
-                c = self._run(L, p, b, &slot)
-                bid = row[slot // self.block_size]
-                if bid < 0 or self.blocks[bid].refcount > 1:
-                    need += 1
-                p += c
-        if need == 0:
-            return 0
-        if need > 32:
-            ids = <int32_t *>PyMem_RawMalloc(need * sizeof(int32_t))
-            if ids == NULL:
-                raise MemoryError(f"cannot plan {need} block allocations")
-        try:
-            for i in range(need):
-                ids[i] = self._take_block()
-                used += 1
-        except MemoryError:
-            for i in range(used):
-                self._release_block(ids[i])
-            if ids != stack_ids:
-                PyMem_RawFree(ids)
-            raise
-        # Pass 2: install them; a shared block is copied first (copy-on-write).
-        used = 0
-        for r in range(self.batch):
-            row = L.table + r * L.nblk
-            p = a
-            while p < b:
-                c = self._run(L, p, b, &slot)
-                old = row[slot // self.block_size]
-                if old < 0 or self.blocks[old].refcount > 1:
-                    bid = ids[used]
+        cdef int pass_
+        for pass_ in range(2):
+            # Pass 0 counts the entries needing a new (or unshared) block and
+            # takes that many from the pool; pass 1 installs them, copying a
+            # shared block first (copy-on-write).
+            for r in range(self.batch):
+                row = L.table + r * L.nblk
+                for rng in range(2):
+                    a = a0 if rng == 0 else a1
+                    b = b0 if rng == 0 else b1
+                    p = a
+                    while p < b:
+                        c = self._run(L, p, b, &slot)
+                        old = row[slot // self.block_size]
+                        if old < 0 or self.blocks[old].refcount > 1:
+                            if pass_ == 0:
+                                need += 1
+                            else:
+                                bid = ids[used]
+                                used += 1
+                                if old >= 0:
+                                    memcpy(self.blocks[bid].data, self.blocks[old].data,
+                                           self.block_bytes)
+                                    self._release_block(old)
+                                row[slot // self.block_size] = bid
+                        p += c
+            if pass_ == 1:
+                break
+            if need == 0:
+                return 0
+            if need > 32:
+                ids = <int32_t *>PyMem_RawMalloc(need * sizeof(int32_t))
+                if ids == NULL:
+                    raise MemoryError(f"cannot plan {need} block allocations")
+            try:
+                for i in range(need):
+                    ids[i] = self._take_block()
                     used += 1
-                    if old >= 0:
-                        memcpy(self.blocks[bid].data, self.blocks[old].data, self.block_bytes)
-                        self._release_block(old)
-                    row[slot // self.block_size] = bid
-                p += c
-        for i in range(used, need):        # pass 1 may over-count a revisited block
+            except MemoryError:
+                for i in range(used):
+                    self._release_block(ids[i])
+                if ids != stack_ids:
+                    PyMem_RawFree(ids)
+                raise
+            used = 0
+        for i in range(used, need):        # pass 0 counts a revisited block twice
             self._release_block(ids[i])
         if ids != stack_ids:
             PyMem_RawFree(ids)
@@ -419,8 +440,11 @@ cdef class KVStore:
         # stored position still sits in slot == position (n_t <= cap).
         if held_after > cap and self.growth_enabled and n_t <= cap and cap < self.max_capacity:
             grow_seconds = perf_counter()
-            cap = self._grown_capacity(layer_idx, cap, m)
-            old_table = _set_capacity(self, L, cap)
+            cap = _min(self._grown_capacity(layer_idx, cap, m), self.max_capacity)
+            if cap > L.cap:                      # a policy never shrinks a layer
+                old_table = _set_capacity(self, L, cap)
+            else:
+                cap = L.cap
             grow_seconds = perf_counter() - grow_seconds
         lo_new = lo_t
         try:
@@ -436,8 +460,7 @@ cdef class KVStore:
             b0 = _max(start, _min(m, _min(S, lo_new)))
             a1 = _max(start, lo_new)
             b1 = m
-            self._ensure_blocks(L, a0, b0)       # may raise MemoryError
-            self._ensure_blocks(L, a1, b1)
+            self._ensure_blocks(L, a0, b0, a1, b1)      # may raise MemoryError
         except BaseException:
             if old_table != NULL:                # undo the growth
                 _restore_table(self, L, old_table, old_cap, old_nblk)
@@ -583,7 +606,8 @@ cdef class KVStore:
     def _memory(self):
         """(memory_bytes, live_bytes, data_blocks, spare_blocks)."""
         cdef int64_t i, meta, live = 0
-        meta = (self.blocks_alloc * sizeof(kv_block) + self.num_layers * sizeof(kv_layer))
+        meta = (2 * self.blocks_alloc * sizeof(kv_block)     # live + retired arrays
+                + self.num_layers * sizeof(kv_layer))
         for i in range(self.num_layers):
             meta += self.layers[i].nblk * self.batch * sizeof(int32_t)
             live += self._held(&self.layers[i])
