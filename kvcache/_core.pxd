@@ -65,6 +65,7 @@ cdef class KVStore:
 
     cdef int32_t _take_block(self) except -2
     cdef void _release_block(self, int32_t bid) noexcept
+    cdef void _trim_spares(self) noexcept
     cdef void _release_tail(self, kv_layer *L, int64_t first_blk) noexcept
     cdef int64_t _run(self, const kv_layer *L, int64_t p, int64_t end,
                       int64_t *slot) noexcept nogil

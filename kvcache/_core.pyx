@@ -222,6 +222,22 @@ cdef class KVStore:
             self.unused_head = bid
             self.n_data_blocks -= 1
 
+    cdef void _trim_spares(self) noexcept:
+        """Free spare blocks beyond max_spare."""
+        cdef int32_t bid
+        cdef kv_block *b
+        while self.n_spare > self.max_spare:
+            bid = self.spare_head
+            b = &self.blocks[bid]
+            self.spare_head = b.next
+            self.n_spare -= 1
+            PyMem_RawFree(b.raw)
+            b.raw = NULL
+            b.data = NULL
+            b.next = self.unused_head
+            self.unused_head = bid
+            self.n_data_blocks -= 1
+
     cdef void _release_tail(self, kv_layer *L, int64_t first_blk) noexcept:
         """Release every row's blocks from table index `first_blk` on."""
         cdef int64_t r, j
@@ -565,6 +581,64 @@ cdef class KVStore:
         for i in range(lo_i, hi_i):
             if self.layers[i].n > seq_len:
                 self._write(&self.layers[i], i, None, None, 0, seq_len)
+
+    def reorder_batch(self, indices):
+        """Make row ``r`` of every layer what row ``indices[r]`` was.
+
+        Beam-search reordering, batch selection and repetition in one call:
+        ``len(indices)`` becomes the batch size and rows may repeat.  Only
+        block-table entries move; a block shared by several rows is copied
+        when one of them is next written (copy-on-write).
+        """
+        cdef cnp.ndarray idx_arr
+        cdef const int64_t *idx
+        cdef int64_t nb, r, j, i
+        cdef kv_layer *L
+        cdef int32_t **tables
+        try:
+            idx_arr = np.ascontiguousarray(indices)
+        except Exception as exc:
+            raise TypeError(f"indices must be a 1-D sequence of integers, "
+                            f"got {type(indices).__name__}") from exc
+        if idx_arr.ndim != 1 or (idx_arr.size and idx_arr.dtype.kind not in "iu"):
+            raise TypeError(f"indices must be a 1-D sequence of integers, "
+                            f"got dtype {idx_arr.dtype} and shape {np.shape(idx_arr)}")
+        nb = idx_arr.shape[0]
+        if nb == 0:
+            raise ValueError("indices must select at least one row")
+        if nb > (1 << 20):
+            raise ValueError(f"indices select {nb} rows; at most {1 << 20} are allowed")
+        idx_arr = idx_arr.astype(np.int64)
+        if idx_arr.min() < 0 or idx_arr.max() >= self.batch:
+            raise IndexError(f"indices must be in [0, {self.batch}), got values from "
+                             f"{idx_arr.min()} to {idx_arr.max()}")
+        idx = <const int64_t *>cnp.PyArray_DATA(idx_arr)
+        # Allocate every new table first: all-or-nothing.
+        tables = <int32_t **>PyMem_RawMalloc(_max(1, self.num_layers) * sizeof(int32_t *))
+        if tables == NULL:
+            raise MemoryError("cannot allocate the new block tables")
+        for i in range(self.num_layers):
+            tables[i] = <int32_t *>PyMem_RawMalloc(
+                _max(1, nb * self.layers[i].nblk) * sizeof(int32_t))
+            if tables[i] == NULL:
+                for j in range(i):
+                    PyMem_RawFree(tables[j])
+                PyMem_RawFree(tables)
+                raise MemoryError("cannot allocate the new block tables")
+        self.max_spare = self.num_layers * nb
+        self._trim_spares()
+        for i in range(self.num_layers):
+            L = &self.layers[i]
+            for r in range(nb):          # take the new references first ...
+                for j in range(L.nblk):
+                    tables[i][r * L.nblk + j] = L.table[idx[r] * L.nblk + j]
+                    if tables[i][r * L.nblk + j] >= 0:
+                        self.blocks[tables[i][r * L.nblk + j]].refcount += 1
+            self._release_tail(L, 0)     # ... then drop the old ones
+            PyMem_RawFree(L.table)
+            L.table = tables[i]
+        PyMem_RawFree(tables)
+        self.batch = nb
 
     def reset(self):
         """Empty every layer and return capacity to ``max_seq_len``.
