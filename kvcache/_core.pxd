@@ -62,10 +62,12 @@ cdef class KVStore:
         int64_t n_spare, max_spare, n_data_blocks
         kv_block *retired[MAX_RETIRED]   # old descriptor arrays, freed at dealloc
         int n_retired
+        int64_t retired_bytes
 
     cdef int32_t _take_block(self) except -2
     cdef void _release_block(self, int32_t bid) noexcept
     cdef void _trim_spares(self) noexcept
+    cdef void _free_data(self, int32_t bid) noexcept
     cdef void _release_tail(self, kv_layer *L, int64_t first_blk) noexcept
     cdef int64_t _run(self, const kv_layer *L, int64_t p, int64_t end,
                       int64_t *slot) noexcept nogil

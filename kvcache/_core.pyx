@@ -86,6 +86,7 @@ cdef class KVStore:
         self.spare_head = -1
         self.unused_head = -1
         self.n_retired = 0
+        self.retired_bytes = 0
 
     def __dealloc__(self):
         cdef int64_t i
@@ -180,6 +181,7 @@ cdef class KVStore:
                     memcpy(grown, self.blocks, self.nblocks * sizeof(kv_block))
                     self.retired[self.n_retired] = self.blocks
                     self.n_retired += 1
+                    self.retired_bytes += self.blocks_alloc * sizeof(kv_block)
                 self.blocks = grown
                 self.blocks_alloc = new_alloc
             bid = <int32_t>self.nblocks
@@ -215,28 +217,26 @@ cdef class KVStore:
             self.spare_head = bid
             self.n_spare += 1
         else:
-            PyMem_RawFree(b.raw)
-            b.raw = NULL
-            b.data = NULL
-            b.next = self.unused_head
-            self.unused_head = bid
-            self.n_data_blocks -= 1
+            self._free_data(bid)
+
+    cdef void _free_data(self, int32_t bid) noexcept:
+        """Return a block's memory to the allocator; its descriptor becomes unused."""
+        cdef kv_block *b = &self.blocks[bid]
+        PyMem_RawFree(b.raw)
+        b.raw = NULL
+        b.data = NULL
+        b.next = self.unused_head
+        self.unused_head = bid
+        self.n_data_blocks -= 1
 
     cdef void _trim_spares(self) noexcept:
         """Free spare blocks beyond max_spare."""
         cdef int32_t bid
-        cdef kv_block *b
         while self.n_spare > self.max_spare:
             bid = self.spare_head
-            b = &self.blocks[bid]
-            self.spare_head = b.next
+            self.spare_head = self.blocks[bid].next
             self.n_spare -= 1
-            PyMem_RawFree(b.raw)
-            b.raw = NULL
-            b.data = NULL
-            b.next = self.unused_head
-            self.unused_head = bid
-            self.n_data_blocks -= 1
+            self._free_data(bid)
 
     cdef void _release_tail(self, kv_layer *L, int64_t first_blk) noexcept:
         """Release every row's blocks from table index `first_blk` on."""
@@ -680,7 +680,7 @@ cdef class KVStore:
     def _memory(self):
         """(memory_bytes, live_bytes, data_blocks, spare_blocks)."""
         cdef int64_t i, meta, live = 0
-        meta = (2 * self.blocks_alloc * sizeof(kv_block)     # live + retired arrays
+        meta = (self.blocks_alloc * sizeof(kv_block) + self.retired_bytes
                 + self.num_layers * sizeof(kv_layer))
         for i in range(self.num_layers):
             meta += self.layers[i].nblk * self.batch * sizeof(int32_t)
