@@ -21,7 +21,7 @@ call.
 
 cimport numpy as cnp
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.string cimport memcpy
 
 import numpy as np
@@ -62,16 +62,20 @@ cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
 
 cdef inline void _copy_row(char *dst, const char *src, int64_t n_items,
                            int64_t stride, int64_t itemsize) noexcept nogil:
-    """Copy one head_dim row of `n_items` elements read with byte `stride`."""
+    """Copy one head_dim row of `n_items` elements read with byte `stride`.
+
+    Element copies go through memcpy: a strided input view may be unaligned,
+    and a fixed-size memcpy compiles to a plain load where that is allowed.
+    """
     cdef int64_t i
     if stride == itemsize:
         memcpy(dst, src, n_items * itemsize)
     elif itemsize == 2:
         for i in range(n_items):
-            (<uint16_t *>dst)[i] = (<const uint16_t *>(src + i * stride))[0]
+            memcpy(dst + 2 * i, src + i * stride, 2)
     else:
         for i in range(n_items):
-            (<uint32_t *>dst)[i] = (<const uint32_t *>(src + i * stride))[0]
+            memcpy(dst + 4 * i, src + i * stride, 4)
 
 
 cdef class KVStore:
