@@ -1,0 +1,61 @@
+"""Shape and data shared by the benchmark modules (no benchmarks here)."""
+
+import functools
+
+import numpy as np
+
+# SmolLM2-135M
+LAYERS = 30
+HEADS = 3
+HEAD_DIM = 64
+BATCH = 1
+DTYPE = "float16"
+
+# Tokens a time_ benchmark may append past its starting point before it rolls
+# back (64 blocks of the default 64 tokens).
+HEADROOM = 4096
+
+# Calls made in setup before timing, so that a sample timing a single call
+# (see __init__) sees warm caches and a mid-block position, not the first
+# call after building the data.  Far below HEADROOM.
+WARMUP = 200
+
+
+def warm(step, calls=None):
+    for _ in range(WARMUP if calls is None else calls):
+        step()
+    return step
+
+
+_BUILT = {}
+
+
+def built(key, build):
+    """``build()``'s result, made once per process and key.
+
+    asv_runner re-runs setup before every sample; rebuilding a 65536-token
+    context each time would stream ~100 MB through the CPU caches right before
+    the timed call, which then measures cache misses of asv's own calling code
+    (several microseconds) rather than the update.  So setup builds the data
+    the first time and afterwards only resets it (cheap: a truncate).  One key
+    at a time: a new key drops the previous data.
+    """
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = build()
+    return _BUILT[key]
+
+
+@functools.lru_cache(maxsize=4)
+def prefill(context, dtype=DTYPE):
+    """[batch, heads, context, head_dim] of random values (read-only, cached)."""
+    rng = np.random.default_rng(context)
+    a = rng.standard_normal((BATCH, HEADS, context, HEAD_DIM), dtype=np.float32).astype(dtype)
+    a.flags.writeable = False
+    return a
+
+
+def token(dtype=DTYPE, seed=0):
+    """One token's keys (or values): [batch, heads, 1, head_dim]."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((BATCH, HEADS, 1, HEAD_DIM), dtype=np.float32).astype(dtype)
