@@ -34,18 +34,23 @@ ctypedef struct kv_layer:
     int64_t cap         # capacity in tokens (a bound: blocks come on first write)
     int64_t nblk        # table entries per batch row: ceil(cap / block_size)
     int32_t *table      # [batch][nblk] block ids, -1 where no block yet
-    # counters (per layer, so threads on different layers never share one)
-    int64_t hits
-    int64_t misses
-    int64_t evictions
+    # Counters, per layer so threads on different layers never share one.
+    # The ones every update touches sit in the first cache line with the state.
     int64_t updates
     int64_t tokens_written
+    int64_t evictions
+    int64_t hits
+    int64_t misses
     int64_t truncations
+    # Pads the struct to two cache lines: adjacent layers updated by
+    # different threads never share a line (no false sharing).
+    char _pad[40]
 
 
 cdef class KVStore:
     cdef:
-        int64_t num_layers, batch, heads, head_dim, block_size, itemsize
+        int64_t num_layers, batch, heads, head_dim, itemsize
+        int64_t block_size, block_shift   # block_size == 1 << block_shift
         int64_t sinks, initial_cap, max_capacity
         int64_t row_bytes       # one token of one head: head_dim * itemsize
         int64_t half_bytes      # the K (or V) half of a block
@@ -53,7 +58,8 @@ cdef class KVStore:
         int typenum
         bint ring, metrics, growth_enabled
         object _dtype
-        kv_layer *layers
+        kv_layer *layers        # KV_ALIGN-aligned, inside layers_raw
+        void *layers_raw
         kv_block *blocks
         int64_t nblocks         # descriptors handed out (high-water mark)
         int64_t blocks_alloc    # descriptors the array has room for
@@ -70,7 +76,7 @@ cdef class KVStore:
     cdef void _free_data(self, int32_t bid) noexcept
     cdef void _release_tail(self, kv_layer *L, int64_t first_blk) noexcept
     cdef int64_t _run(self, const kv_layer *L, int64_t p, int64_t end,
-                      int64_t *slot) noexcept nogil
+                      int64_t *blk, int64_t *off) noexcept nogil
     cdef int64_t _held(self, const kv_layer *L) noexcept nogil
     cdef int _ensure_blocks(self, kv_layer *L, int64_t a0, int64_t b0,
                             int64_t a1, int64_t b1) except -1

@@ -97,7 +97,7 @@ cdef class KVStore:
         if self.layers != NULL:
             for i in range(self.num_layers):
                 PyMem_RawFree(self.layers[i].table)
-            PyMem_RawFree(self.layers)
+            PyMem_RawFree(self.layers_raw)
             self.layers = NULL
         if self.blocks != NULL:
             for i in range(self.nblocks):
@@ -122,7 +122,12 @@ cdef class KVStore:
         self.batch = batch_size
         self.heads = num_kv_heads
         self.head_dim = head_dim
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
         self.block_size = block_size
+        self.block_shift = 0
+        while (1 << self.block_shift) < block_size:
+            self.block_shift += 1
         self.sinks = sink_tokens
         self.initial_cap = max_seq_len
         self.max_capacity = max_seq_len
@@ -135,9 +140,11 @@ cdef class KVStore:
         # One spare block per layer and row lets a truncate-then-append cycle
         # (speculative decoding) reuse memory without going back to malloc.
         self.max_spare = num_layers * batch_size
-        self.layers = <kv_layer *>PyMem_RawMalloc(num_layers * sizeof(kv_layer))
-        if self.layers == NULL:
+        self.layers_raw = PyMem_RawMalloc(num_layers * sizeof(kv_layer) + KV_ALIGN)
+        if self.layers_raw == NULL:
             raise MemoryError(f"cannot allocate {num_layers} layer descriptors")
+        self.layers = <kv_layer *>((<uintptr_t>self.layers_raw + KV_ALIGN - 1)
+                                   & ~(<uintptr_t>KV_ALIGN - 1))
         for i in range(num_layers):
             L = &self.layers[i]
             L.n = L.lo = 0
@@ -259,25 +266,35 @@ cdef class KVStore:
         return _min(self.sinks, L.lo) + L.n - L.lo
 
     cdef int64_t _run(self, const kv_layer *L, int64_t p, int64_t end,
-                      int64_t *slot) noexcept nogil:
-        """Slot of position p, and how many positions from p (< end) follow it
-        in consecutive slots of the same block."""
-        cdef int64_t s, lim
+                      int64_t *blk, int64_t *off) noexcept nogil:
+        """Block-table index and offset of position p's slot, and how many
+        positions from p (< end) follow it in consecutive slots of that block.
+
+        Called for every run of every update, so it avoids integer division
+        (tens of cycles each): block sizes are powers of two, and the window
+        modulo is taken only once the ring has wrapped.
+        """
+        cdef int64_t s, lim, d, w
         if p < self.sinks:
             s = p
             lim = self.sinks - p
         else:
-            s = self.sinks + (p - self.sinks) % (L.cap - self.sinks)
+            d = p - self.sinks
+            w = L.cap - self.sinks
+            if d >= w:
+                d = d % w
+            s = self.sinks + d
             lim = L.cap - s
-        slot[0] = s
-        return _min(_min(end - p, lim), self.block_size - s % self.block_size)
+        blk[0] = s >> self.block_shift
+        off[0] = s & (self.block_size - 1)
+        return _min(_min(end - p, lim), self.block_size - off[0])
 
     cdef int _ensure_blocks(self, kv_layer *L, int64_t a0, int64_t b0,
                             int64_t a1, int64_t b1) except -1:
         """Give every slot of positions [a0, b0) and [a1, b1), in every row, a
         block of its own (refcount 1).  All-or-nothing: on MemoryError no
         table entry changes."""
-        cdef int64_t p, c, slot, r, need = 0, used = 0, i, rng, a, b
+        cdef int64_t p, c, j, off, r, need = 0, used = 0, i, rng, a, b
         cdef int32_t bid, old
         cdef int32_t *row
         cdef int32_t stack_ids[32]
@@ -294,8 +311,8 @@ cdef class KVStore:
                     b = b0 if rng == 0 else b1
                     p = a
                     while p < b:
-                        c = self._run(L, p, b, &slot)
-                        old = row[slot // self.block_size]
+                        c = self._run(L, p, b, &j, &off)
+                        old = row[j]
                         if old < 0 or self.blocks[old].refcount > 1:
                             if pass_ == 0:
                                 need += 1
@@ -306,7 +323,7 @@ cdef class KVStore:
                                     memcpy(self.blocks[bid].data, self.blocks[old].data,
                                            self.block_bytes)
                                     self._release_block(old)
-                                row[slot // self.block_size] = bid
+                                row[j] = bid
                         p += c
             if pass_ == 1:
                 break
@@ -336,7 +353,7 @@ cdef class KVStore:
     cdef void _gather(self, const kv_layer *L, int64_t half, char *out) noexcept nogil:
         """Copy the held tokens of one half (0: keys, half_bytes: values) into
         `out`, laid out [batch][heads][held][head_dim], in position order."""
-        cdef int64_t nh = self._held(L), r, h, i, p, c, slot, k, end, start
+        cdef int64_t nh = self._held(L), r, h, i, p, c, j, off, k, end, start
         cdef int64_t head_stride = self.block_size * self.row_bytes
         cdef const int32_t *row
         cdef const char *src
@@ -354,9 +371,8 @@ cdef class KVStore:
                     end = L.n
                 p = start
                 while p < end:
-                    c = self._run(L, p, end, &slot)
-                    src = (self.blocks[row[slot // self.block_size]].data + half
-                           + (slot % self.block_size) * self.row_bytes)
+                    c = self._run(L, p, end, &j, &off)
+                    src = self.blocks[row[j]].data + half + off * self.row_bytes
                     for h in range(self.heads):
                         memcpy(dst + (h * nh + i) * self.row_bytes,
                                src + h * head_stride, c * self.row_bytes)
@@ -488,10 +504,13 @@ cdef class KVStore:
         # ---- commit: nothing below can fail
         written = (b0 - a0) + (b1 - a1)
         if self.metrics:
-            L.evictions += ((_min(S, lo_t) + n_t - lo_t) + (m - n_t)
-                            - (_min(S, lo_new) + m - lo_new)) * self.batch
             L.updates += 1
             L.tokens_written += written * self.batch
+            if lo_new != lo_t:
+                # Held before (after the truncation part) plus new, minus held
+                # after; zero whenever the window start did not move.
+                L.evictions += ((_min(S, lo_t) + n_t - lo_t) + (m - n_t)
+                                - (_min(S, lo_new) + m - lo_new)) * self.batch
             if m < L.n:
                 L.truncations += 1
         if m < L.n and lo_new <= S:
@@ -780,36 +799,40 @@ cdef void _scatter_kv(KVStore s, const kv_layer *L, cnp.ndarray ka, cnp.ndarray 
     cdef const char *vd = <const char *>cnp.PyArray_DATA(va)
     cdef const cnp.npy_intp *ks = cnp.PyArray_STRIDES(ka)
     cdef const cnp.npy_intp *vs = cnp.PyArray_STRIDES(va)
-    _scatter(s, L, kd, ks, 0, start, a0, b0)
-    _scatter(s, L, kd, ks, 0, start, a1, b1)
-    _scatter(s, L, vd, vs, s.half_bytes, start, a0, b0)
-    _scatter(s, L, vd, vs, s.half_bytes, start, a1, b1)
+    _scatter(s, L, kd, ks, vd, vs, start, a0, b0)
+    _scatter(s, L, kd, ks, vd, vs, start, a1, b1)
 
 
-cdef void _scatter(KVStore s, const kv_layer *L, const char *base,
-                   const cnp.npy_intp *st, int64_t half, int64_t start,
+cdef inline void _put_rows(KVStore s, char *dst, const char *src,
+                           const cnp.npy_intp *st, int64_t c) noexcept nogil:
+    """Copy `c` consecutive tokens of one head (input strides `st`) to `dst`."""
+    cdef int64_t j
+    if st[3] == s.itemsize and st[2] == s.row_bytes:
+        memcpy(dst, src, c * s.row_bytes)
+    else:
+        for j in range(c):
+            _copy_row(dst + j * s.row_bytes, src + j * st[2], s.head_dim, st[3], s.itemsize)
+
+
+cdef void _scatter(KVStore s, const kv_layer *L, const char *kd, const cnp.npy_intp *ks,
+                   const char *vd, const cnp.npy_intp *vs, int64_t start,
                    int64_t a, int64_t b) noexcept nogil:
-    """Copy input tokens of positions [a, b) (input index p - start), read
-    with byte strides `st`, into one half of their slots, every row and head."""
-    cdef int64_t r, h, p, c, slot, j
+    """Copy input tokens of positions [a, b) (input index p - start), keys and
+    values, into their slots, every row and head."""
+    cdef int64_t r, h, p, c, j, off, i
     cdef int64_t head_stride = s.block_size * s.row_bytes
-    cdef bint dense = st[3] == s.itemsize and st[2] == s.row_bytes
     cdef const int32_t *row
     cdef char *dst
-    cdef const char *src
     for r in range(s.batch):
         row = L.table + r * L.nblk
         p = a
         while p < b:
-            c = s._run(L, p, b, &slot)
-            dst = (s.blocks[row[slot // s.block_size]].data + half
-                   + (slot % s.block_size) * s.row_bytes)
+            c = s._run(L, p, b, &j, &off)
+            dst = s.blocks[row[j]].data + off * s.row_bytes
+            i = p - start
             for h in range(s.heads):
-                src = base + r * st[0] + h * st[1] + (p - start) * st[2]
-                if dense:
-                    memcpy(dst + h * head_stride, src, c * s.row_bytes)
-                else:
-                    for j in range(c):
-                        _copy_row(dst + h * head_stride + j * s.row_bytes,
-                                  src + j * st[2], s.head_dim, st[3], s.itemsize)
+                _put_rows(s, dst + h * head_stride,
+                          kd + r * ks[0] + h * ks[1] + i * ks[2], ks, c)
+                _put_rows(s, dst + s.half_bytes + h * head_stride,
+                          vd + r * vs[0] + h * vs[1] + i * vs[2], vs, c)
             p += c

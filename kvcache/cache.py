@@ -64,7 +64,8 @@ class KVCache(KVStore):
         dtype are accepted and cast (the fast path is an input already of the
         storage dtype).
     block_size:
-        Tokens per block (default :data:`DEFAULT_BLOCK_SIZE`).
+        Tokens per block, a power of two (default :data:`DEFAULT_BLOCK_SIZE`):
+        slot arithmetic then needs shifts, not divisions.
     sink_tokens:
         Positions ``0 .. sink_tokens - 1`` are never evicted by the ring
         (attention sinks; llama.cpp's ``n_keep``).
@@ -106,6 +107,8 @@ class KVCache(KVStore):
         block_size = _positive_int("block_size", DEFAULT_BLOCK_SIZE if block_size is None
                                    else block_size, maximum=1 << 20)
         sink_tokens = _positive_int("sink_tokens", sink_tokens, minimum=0)
+        if block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
         name = _dtype_name(dtype)
         if overflow not in ("ring", "error"):
             raise ValueError(f"overflow must be 'ring' or 'error', got {overflow!r}")

@@ -75,7 +75,7 @@ def test_bad_indices_change_nothing(bad, exc):
 @settings(max_examples=60, deadline=None)
 @given(ops=st.lists(st.tuples(st.lists(st.integers(0, 7), min_size=1, max_size=4),
                               st.integers(0, 3)), min_size=1, max_size=6),
-       block_size=st.integers(1, 5))
+       block_size=st.sampled_from([1, 2, 4, 8]))
 def test_reorder_then_write_matches_numpy(ops, block_size):
     rng = np.random.default_rng(1)
     c = KVCache(1, 1, 2, max_seq_len=12, block_size=block_size, batch_size=2, dtype="float32",
