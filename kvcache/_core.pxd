@@ -37,7 +37,7 @@ ctypedef struct kv_layer:
     # Counters, per layer so threads on different layers never share one.
     # The ones every update touches sit in the first cache line with the state.
     int64_t updates
-    int64_t tokens_written
+    int64_t tokens_written     # positions written, per batch row
     int64_t evictions
     int64_t hits
     int64_t misses
