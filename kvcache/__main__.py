@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
 
 USAGE = """usage: python -m kvcache {demo,bench} [options]
 
@@ -13,7 +12,7 @@ USAGE = """usage: python -m kvcache {demo,bench} [options]
 'python -m kvcache COMMAND --help' lists each command's options."""
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

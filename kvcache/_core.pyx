@@ -793,8 +793,8 @@ cdef void _restore_table(KVStore s, kv_layer *L, int32_t *old_table, int64_t old
 
 
 cdef void _scatter_kv(KVStore s, const kv_layer *L, cnp.ndarray ka, cnp.ndarray va,
-                     int64_t start, int64_t a0, int64_t b0, int64_t a1,
-                     int64_t b1) noexcept nogil:
+                      int64_t start, int64_t a0, int64_t b0, int64_t a1,
+                      int64_t b1) noexcept nogil:
     """Copy the input tokens of positions [a0, b0) and [a1, b1) into their slots."""
     cdef const char *kd = <const char *>cnp.PyArray_DATA(ka)
     cdef const char *vd = <const char *>cnp.PyArray_DATA(va)

@@ -45,7 +45,8 @@ import os
 import platform
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -101,7 +102,7 @@ class _Progress:
                         + (f" {extra}" if extra else ""), final=True)
 
 
-def _summary(ns: Sequence[int]) -> Dict[str, Optional[float]]:
+def _summary(ns: Sequence[int]) -> dict[str, float | None]:
     a = np.asarray(ns, dtype=np.float64)
     if a.size == 0:
         return {"n": 0, "median_ns": None, "p99_ns": None, "p999_ns": None, "min_ns": None,
@@ -112,7 +113,7 @@ def _summary(ns: Sequence[int]) -> Dict[str, Optional[float]]:
             "mean_ns": float(a.mean()), "total_s": float(a.sum() / 1e9)}
 
 
-def _us(summary: Dict, stat: str) -> Optional[float]:
+def _us(summary: dict, stat: str) -> float | None:
     x = summary.get(stat)
     return None if x is None else x / 1e3
 
@@ -127,8 +128,8 @@ def _timer_overhead_ns(n: int = 20000) -> float:
     return float(np.median(d))
 
 
-def _proc_status_kib(*keys: str) -> Dict[str, int]:
-    out: Dict[str, int] = {}
+def _proc_status_kib(*keys: str) -> dict[str, int]:
+    out: dict[str, int] = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -153,11 +154,11 @@ def _reset_peak_rss() -> bool:
 class _RssPeak:
     """Peak RSS increase over a section, from /proc/self/status VmHWM (bytes)."""
 
-    def __enter__(self) -> "_RssPeak":
+    def __enter__(self) -> _RssPeak:
         gc.collect()
         self.ok = _reset_peak_rss()
         self.before = _proc_status_kib("VmRSS").get("VmRSS")
-        self.increase: Optional[int] = None
+        self.increase: int | None = None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -173,7 +174,7 @@ def _token(rng: np.random.Generator, t: int = 1) -> np.ndarray:
 # ------------------------------------------------------------------ update
 
 
-def _bench_update(ctx: int, steps: int, concat_budget_s: float, progress: bool) -> Dict:
+def _bench_update(ctx: int, steps: int, concat_budget_s: float, progress: bool) -> dict:
     """kvcache vs preallocated numpy (interleaved), then numpy concatenation."""
     rng = np.random.default_rng(ctx)
     pre = _token(rng, ctx)
@@ -238,8 +239,8 @@ def _bench_update(ctx: int, steps: int, concat_budget_s: float, progress: bool) 
     gc.collect()
 
     # -- concatenation (DynamicCache-like): O(context) per call, time-budgeted
-    ks: List[np.ndarray] = [pre] * LAYERS      # shared until the first append copies
-    vs: List[np.ndarray] = [pre] * LAYERS
+    ks: list[np.ndarray] = [pre] * LAYERS      # shared until the first append copies
+    vs: list[np.ndarray] = [pre] * LAYERS
     cc_ts = array.array("q")
     cc_ap = cc_ts.append
     cat = np.concatenate
@@ -277,7 +278,7 @@ def _bench_update(ctx: int, steps: int, concat_budget_s: float, progress: bool) 
 # Each runs in a fresh process (see _isolated) so that VmHWM is its own.
 
 
-def _growth_kvcache(tokens: int, layers: int, progress: bool) -> Dict:
+def _growth_kvcache(tokens: int, layers: int, progress: bool) -> dict:
     rng = np.random.default_rng(1)
     k, v = _token(rng), _token(rng)
     cache = KVCache(layers, HEADS, HEAD_DIM, max_seq_len=GROWTH_START, batch_size=BATCH,
@@ -288,7 +289,7 @@ def _growth_kvcache(tokens: int, layers: int, progress: bool) -> Dict:
     ts = array.array("q")
     ap = ts.append
     growth_ts = array.array("q")
-    growth_steps: List[int] = []
+    growth_steps: list[int] = []
     next_cap = cache.capacity(0)
     bs = cache.block_size
     peak_mem = cache.stats().memory_bytes
@@ -339,7 +340,7 @@ def _growth_kvcache(tokens: int, layers: int, progress: bool) -> Dict:
                                        if rss.increase is not None else None)}
 
 
-def _growth_numpy_regrow(tokens: int, layers: int, progress: bool) -> Dict:
+def _growth_numpy_regrow(tokens: int, layers: int, progress: bool) -> dict:
     """numpy buffers grown like a vector: x1.5 (kvcache's capacities), copying."""
     rng = np.random.default_rng(1)
     k, v = _token(rng), _token(rng)
@@ -407,7 +408,7 @@ def _growth_numpy_regrow(tokens: int, layers: int, progress: bool) -> Dict:
                                        if rss.increase is not None else None)}
 
 
-def _growth_numpy_concat(tokens: int, layers: int, progress: bool) -> Dict:
+def _growth_numpy_concat(tokens: int, layers: int, progress: bool) -> dict:
     """DynamicCache-like: every append concatenates (allocate, copy, free old)."""
     rng = np.random.default_rng(1)
     k, v = _token(rng), _token(rng)
@@ -449,7 +450,7 @@ def _growth_numpy_concat(tokens: int, layers: int, progress: bool) -> Dict:
                                        if rss.increase is not None else None)}
 
 
-def _isolated(fn: Callable[..., Dict], *args) -> Dict:
+def _isolated(fn: Callable[..., dict], *args) -> dict:
     """Run fn in a fresh interpreter (its own RSS); in process if that fails."""
     try:
         import importlib
@@ -472,7 +473,7 @@ def _isolated(fn: Callable[..., Dict], *args) -> Dict:
 # ----------------------------------------------------------------- metrics
 
 
-def _bench_metrics(reps: int, ctx: int, progress: bool) -> Dict:
+def _bench_metrics(reps: int, ctx: int, progress: bool) -> dict:
     rng = np.random.default_rng(2)
     pre = _token(rng, ctx)
     k, v = _token(rng), _token(rng)
@@ -560,14 +561,14 @@ def _fmt(x, unit: str = "") -> str:
     return f"{x:,}"
 
 
-def _ratio(base, kv) -> Optional[float]:
+def _ratio(base, kv) -> float | None:
     if base is None or kv is None or not kv:
         return None
     return base / kv
 
 
-def _build_rows(res: Dict) -> List[List[str]]:
-    rows: List[List[str]] = []
+def _build_rows(res: dict) -> list[list[str]]:
+    rows: list[list[str]] = []
     upd = res.get("update", [])
     ref = upd[0]["kvcache"]["median_ns"] if upd else None
     for u in upd:
@@ -635,7 +636,7 @@ HEADERS = ["section", "case", "kvcache", "numpy concat", "numpy prealloc", "vs c
            "vs prealloc", "kv t/t(ref)", "note"]
 
 
-def _render(rows: List[List[str]], meta: Dict) -> str:
+def _render(rows: list[list[str]], meta: dict) -> str:
     ref = meta.get("reference_context")
     headers = HEADERS[:7] + [f"kv t/t({ref})" if ref is not None else HEADERS[7]] + HEADERS[8:]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
@@ -676,7 +677,7 @@ def _render(rows: List[List[str]], meta: Dict) -> str:
 # -------------------------------------------------------------------- main
 
 
-def _parse_contexts(text: str) -> List[int]:
+def _parse_contexts(text: str) -> list[int]:
     try:
         vals = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -687,7 +688,7 @@ def _parse_contexts(text: str) -> List[int]:
     return vals
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m kvcache.bench",
         description="Benchmark kvcache against numpy baselines measured in the same run "
@@ -733,7 +734,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "growth_start": GROWTH_START, "growth_factor": GROWTH_FACTOR},
             "reference_context": args.contexts[0] if "update" in sections else None,
             "sections": sorted(sections)}
-    res: Dict = {"meta": meta}
+    res: dict = {"meta": meta}
     # Growth first: its subprocesses then start before this one holds gigabytes.
     if "growth" in sections:
         res["growth"] = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Optional
 
 import numpy as np
 
@@ -97,7 +96,7 @@ class KVCache(KVStore):
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
                  max_seq_len: int = 4096, batch_size: int = 1, dtype="float16",
-                 block_size: Optional[int] = None, sink_tokens: int = 0,
+                 block_size: int | None = None, sink_tokens: int = 0,
                  overflow: str = "ring", metrics: bool = True) -> None:
         num_layers = _positive_int("num_layers", num_layers, maximum=1 << 20)
         num_kv_heads = _positive_int("num_kv_heads", num_kv_heads, maximum=1 << 16)
@@ -122,15 +121,15 @@ class KVCache(KVStore):
         self._init_store(num_layers, num_kv_heads, head_dim, max_seq_len, batch_size, name,
                          block_size, sink_tokens, overflow == "ring", bool(metrics))
         self._token_bytes = token_bytes
-        self._strategy: Optional[GrowthStrategy] = None
+        self._strategy: GrowthStrategy | None = None
         self._growths = 0
         self._growth_bytes = 0
         self._growth_seconds = 0.0
 
     # ----------------------------------------------------------------- growth
 
-    def enable_dynamic_growth(self, strategy: Optional[GrowthStrategy] = None,
-                              max_capacity: Optional[int] = None) -> None:
+    def enable_dynamic_growth(self, strategy: GrowthStrategy | None = None,
+                              max_capacity: int | None = None) -> None:
         """Grow a layer's capacity when it runs out, instead of evicting or failing.
 
         ``strategy`` defaults to ``GrowthStrategy.exponential(1.5)``;
@@ -161,7 +160,7 @@ class KVCache(KVStore):
         self._strategy = None
 
     @property
-    def growth_strategy(self) -> Optional[GrowthStrategy]:
+    def growth_strategy(self) -> GrowthStrategy | None:
         return self._strategy
 
     def _grown_capacity(self, layer_idx: int, cap: int, needed: int) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import List, Optional
 
 import numpy as np
 
@@ -30,7 +29,7 @@ def _progress(done: int, total: int, start: float, stream=sys.stderr) -> None:
     stream.flush()
 
 
-def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="python -m kvcache demo", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=30, help="transformer layers (30)")
@@ -108,7 +107,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> KVCache:
 
 def report(cache: KVCache, lat_ns: np.ndarray, elapsed: float, tokens: int) -> str:
     s = cache.stats()
-    rows: List[tuple] = []
+    rows: list[tuple] = []
     if lat_ns.size:
         rows += [("update latency median", f"{np.median(lat_ns) / 1e3:.3f} us"),
                  ("update latency p99", f"{np.percentile(lat_ns, 99) / 1e3:.3f} us"),
@@ -122,7 +121,7 @@ def report(cache: KVCache, lat_ns: np.ndarray, elapsed: float, tokens: int) -> s
     return f"{head}\n{s.table()}"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run(args)
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
 
 __all__ = ["GrowthStrategy", "Exponential", "Linear", "Adaptive"]
 
@@ -24,18 +23,18 @@ class GrowthStrategy:
     """Base class; build one with the factory methods below."""
 
     @staticmethod
-    def exponential(factor: float = 1.5) -> "Exponential":
+    def exponential(factor: float = 1.5) -> Exponential:
         """Multiply capacity by ``factor`` (> 1) until it fits."""
         return Exponential(factor)
 
     @staticmethod
-    def linear(increment: int) -> "Linear":
+    def linear(increment: int) -> Linear:
         """Add ``increment`` tokens (>= 1) until it fits."""
         return Linear(increment)
 
     @staticmethod
     def adaptive(horizon_s: float = 2.0, min_factor: float = 1.125,
-                 max_factor: float = 2.0) -> "Adaptive":
+                 max_factor: float = 2.0) -> Adaptive:
         """Grow by what the observed append rate will use in ``horizon_s`` seconds,
         between ``min_factor`` and ``max_factor`` times the current capacity."""
         return Adaptive(horizon_s, min_factor, max_factor)
@@ -91,8 +90,8 @@ class Adaptive(GrowthStrategy):
     horizon_s: float = 2.0
     min_factor: float = 1.125
     max_factor: float = 2.0
-    clock: "callable" = field(default=time.perf_counter, repr=False)
-    _last: Dict[int, Tuple[float, int]] = field(default_factory=dict, repr=False)
+    clock: callable = field(default=time.perf_counter, repr=False)
+    _last: dict[int, tuple[float, int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.horizon_s > 0:
@@ -103,7 +102,7 @@ class Adaptive(GrowthStrategy):
 
     def _propose(self, current: int, needed: int, layer_idx: int) -> int:
         now = self.clock()
-        last: Optional[Tuple[float, int]] = self._last.get(layer_idx)
+        last: tuple[float, int] | None = self._last.get(layer_idx)
         if last is None or now <= last[0]:
             factor = self.max_factor
         else:

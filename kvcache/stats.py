@@ -29,7 +29,6 @@ Counters are cumulative since construction or ``KVCache.reset_stats()``;
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Dict, Tuple
 
 __all__ = ["CacheStats"]
 
@@ -55,7 +54,7 @@ class CacheStats:
     spare_blocks: int = 0
     tokens_held: int = 0
     capacity_tokens: int = 0
-    per_layer: Tuple[Dict[str, int], ...] = ()
+    per_layer: tuple[dict[str, int], ...] = ()
 
     @property
     def reads(self) -> int:
@@ -69,7 +68,7 @@ class CacheStats:
     def memory_efficiency(self) -> float:
         return self.live_bytes / self.memory_bytes if self.memory_bytes else 0.0
 
-    def __sub__(self, before: "CacheStats") -> "CacheStats":
+    def __sub__(self, before: CacheStats) -> CacheStats:
         if not isinstance(before, CacheStats):
             return NotImplemented
         delta = {name: getattr(self, name) - getattr(before, name) for name in _COUNTERS}
@@ -79,7 +78,7 @@ class CacheStats:
         ) if len(self.per_layer) == len(before.per_layer) else self.per_layer
         return replace(self, per_layer=per_layer, **delta)
 
-    def as_dict(self) -> Dict[str, object]:
+    def as_dict(self) -> dict[str, object]:
         """Every field and derived figure, per-layer detail left out."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_layer"}
         out.update(hit_rate=self.hit_rate, memory_efficiency=self.memory_efficiency)
