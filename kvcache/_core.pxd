@@ -9,10 +9,13 @@ cdef extern from "kv_platform.h":
     int KV_HAVE_PREFETCH
     int KV_ALIGN
 
-# Descriptor arrays replaced as the pool grows (sizes double from 64, so 32
-# covers any pool that block ids can address).
+# Directories of descriptor chunks replaced as the pool grows (sizes double
+# from 8, so 32 covers any pool that block ids can address).
 cdef enum:
     MAX_RETIRED = 32
+    # Block descriptors come in chunks of KV_CHUNK that never move.
+    KV_CHUNK_SHIFT = 12
+    KV_CHUNK = 4096
 
 
 # One fixed-size block of the pool: `block_size` tokens of one layer and one
@@ -60,17 +63,20 @@ cdef class KVStore:
         object _dtype
         kv_layer *layers        # KV_ALIGN-aligned, inside layers_raw
         void *layers_raw
-        kv_block *blocks
+        kv_block **bdir         # directory of descriptor chunks
+        int64_t ndir            # directory slots
+        int64_t nchunks         # chunks allocated
         int64_t nblocks         # descriptors handed out (high-water mark)
-        int64_t blocks_alloc    # descriptors the array has room for
+        int64_t blocks_alloc    # descriptors the chunks have room for
         int32_t spare_head      # spare blocks: data kept for reuse
         int32_t unused_head     # descriptors without data
         int64_t n_spare, max_spare, n_data_blocks
-        kv_block *retired[MAX_RETIRED]   # old descriptor arrays, freed at dealloc
+        kv_block **retired[MAX_RETIRED]  # old directories, freed at dealloc
         int n_retired
         int64_t retired_bytes
 
     cdef int32_t _take_block(self) except -2
+    cdef int _add_chunk(self) except -1
     cdef void _release_block(self, int32_t bid) noexcept
     cdef void _trim_spares(self) noexcept
     cdef void _free_data(self, int32_t bid) noexcept

@@ -78,6 +78,11 @@ cdef inline void _copy_row(char *dst, const char *src, int64_t n_items,
             memcpy(dst + 4 * i, src + i * stride, 4)
 
 
+cdef inline kv_block *_blk(KVStore s, int64_t bid) noexcept nogil:
+    """Descriptor of block `bid` (see KVStore._add_chunk for the layout)."""
+    return &s.bdir[bid >> KV_CHUNK_SHIFT][bid & (KV_CHUNK - 1)]
+
+
 cdef class KVStore:
     """The compiled store behind :class:`kvcache.KVCache` (use that class)."""
 
@@ -85,7 +90,7 @@ cdef class KVStore:
         # Everything NULL/zero: an uninitialised store has no layers, so every
         # layer-indexed call raises IndexError and __dealloc__ frees nothing.
         self.layers = NULL
-        self.blocks = NULL
+        self.bdir = NULL
         self.num_layers = 0
         self.spare_head = -1
         self.unused_head = -1
@@ -99,11 +104,13 @@ cdef class KVStore:
                 PyMem_RawFree(self.layers[i].table)
             PyMem_RawFree(self.layers_raw)
             self.layers = NULL
-        if self.blocks != NULL:
+        if self.bdir != NULL:
             for i in range(self.nblocks):
-                PyMem_RawFree(self.blocks[i].raw)   # NULL for unused descriptors
-            PyMem_RawFree(self.blocks)
-            self.blocks = NULL
+                PyMem_RawFree(_blk(self, i).raw)     # NULL for unused descriptors
+            for i in range(self.nchunks):
+                PyMem_RawFree(self.bdir[i])
+            PyMem_RawFree(self.bdir)
+            self.bdir = NULL
         for i in range(self.n_retired):
             PyMem_RawFree(self.retired[i])
         self.n_retired = 0
@@ -163,63 +170,79 @@ cdef class KVStore:
         """A block with refcount 1: a spare one, else freshly allocated."""
         cdef int32_t bid
         cdef char *raw
-        cdef kv_block *grown
-        cdef int64_t new_alloc
         if self.spare_head >= 0:
             bid = self.spare_head
-            self.spare_head = self.blocks[bid].next
+            self.spare_head = _blk(self, bid).next
             self.n_spare -= 1
-            self.blocks[bid].refcount = 1
+            _blk(self, bid).refcount = 1
             return bid
         if self.unused_head >= 0:
             bid = self.unused_head
         else:
             if self.nblocks == self.blocks_alloc:
-                new_alloc = _max(64, self.blocks_alloc * 2)
-                if new_alloc > MAX_BLOCKS:
+                if self.blocks_alloc + KV_CHUNK > MAX_BLOCKS:
                     raise MemoryError(f"the block pool is limited to {MAX_BLOCKS} blocks")
-                # Not realloc: a thread copying another layer's tokens without
-                # the GIL may still hold the old array.  Descriptors of blocks
-                # in use never change while their layer holds them, so the old
-                # copy stays valid for such a reader; old arrays are retired
-                # and freed in __dealloc__ (sizes double: they add up to less
-                # than the live array).
-                grown = <kv_block *>PyMem_RawMalloc(new_alloc * sizeof(kv_block))
-                if grown == NULL or self.n_retired == MAX_RETIRED:
-                    PyMem_RawFree(grown)
-                    raise MemoryError(f"cannot grow the block pool to {new_alloc} blocks")
-                if self.blocks != NULL:
-                    memcpy(grown, self.blocks, self.nblocks * sizeof(kv_block))
-                    self.retired[self.n_retired] = self.blocks
-                    self.n_retired += 1
-                    self.retired_bytes += self.blocks_alloc * sizeof(kv_block)
-                self.blocks = grown
-                self.blocks_alloc = new_alloc
+                self._add_chunk()
             bid = <int32_t>self.nblocks
-            self.blocks[bid].raw = NULL
-            self.blocks[bid].next = -1
+            _blk(self, bid).raw = NULL
+            _blk(self, bid).next = -1
         raw = <char *>PyMem_RawMalloc(self.block_bytes + KV_ALIGN)
         if raw == NULL:
             if bid == self.nblocks:        # a new descriptor: park it as unused
                 self.nblocks += 1
-                self.blocks[bid].next = self.unused_head
+                _blk(self, bid).next = self.unused_head
                 self.unused_head = bid
             raise MemoryError(f"cannot allocate a block of {self.block_bytes} bytes")
         if bid == self.unused_head:
-            self.unused_head = self.blocks[bid].next
+            self.unused_head = _blk(self, bid).next
         else:
             self.nblocks += 1
-        self.blocks[bid].raw = raw
-        self.blocks[bid].data = <char *>((<uintptr_t>raw + KV_ALIGN - 1)
+        _blk(self, bid).raw = raw
+        _blk(self, bid).data = <char *>((<uintptr_t>raw + KV_ALIGN - 1)
                                          & ~(<uintptr_t>KV_ALIGN - 1))
-        self.blocks[bid].refcount = 1
-        self.blocks[bid].next = -1
+        _blk(self, bid).refcount = 1
+        _blk(self, bid).next = -1
         self.n_data_blocks += 1
         return bid
 
+    cdef int _add_chunk(self) except -1:
+        """Room for KV_CHUNK more descriptors.
+
+        Descriptors live in fixed chunks that never move, so a pool of any
+        size grows in O(1) (no copy, no latency spike) and a thread copying
+        without the GIL keeps valid descriptor pointers.  Only the small
+        directory of chunk pointers is ever replaced; an old directory is
+        retired, not freed, because such a thread may still be reading it
+        (sizes double, so the retired ones add up to less than the live one).
+        """
+        cdef kv_block **grown
+        cdef int64_t new_dir
+        cdef kv_block *chunk
+        if self.nchunks == self.ndir:
+            new_dir = _max(8, 2 * self.ndir)
+            if self.n_retired == MAX_RETIRED:
+                raise MemoryError("the block pool cannot grow further")
+            grown = <kv_block **>PyMem_RawMalloc(new_dir * sizeof(kv_block *))
+            if grown == NULL:
+                raise MemoryError(f"cannot grow the block directory to {new_dir} chunks")
+            if self.bdir != NULL:
+                memcpy(grown, self.bdir, self.nchunks * sizeof(kv_block *))
+                self.retired[self.n_retired] = self.bdir
+                self.n_retired += 1
+                self.retired_bytes += self.ndir * sizeof(kv_block *)
+            self.bdir = grown
+            self.ndir = new_dir
+        chunk = <kv_block *>PyMem_RawMalloc(KV_CHUNK * sizeof(kv_block))
+        if chunk == NULL:
+            raise MemoryError(f"cannot allocate {KV_CHUNK} block descriptors")
+        self.bdir[self.nchunks] = chunk
+        self.nchunks += 1
+        self.blocks_alloc += KV_CHUNK
+        return 0
+
     cdef void _release_block(self, int32_t bid) noexcept:
         """Drop one reference; at zero keep the block spare or free it."""
-        cdef kv_block *b = &self.blocks[bid]
+        cdef kv_block *b = _blk(self, bid)
         b.refcount -= 1
         if b.refcount > 0:
             return
@@ -232,7 +255,7 @@ cdef class KVStore:
 
     cdef void _free_data(self, int32_t bid) noexcept:
         """Return a block's memory to the allocator; its descriptor becomes unused."""
-        cdef kv_block *b = &self.blocks[bid]
+        cdef kv_block *b = _blk(self, bid)
         PyMem_RawFree(b.raw)
         b.raw = NULL
         b.data = NULL
@@ -245,7 +268,7 @@ cdef class KVStore:
         cdef int32_t bid
         while self.n_spare > self.max_spare:
             bid = self.spare_head
-            self.spare_head = self.blocks[bid].next
+            self.spare_head = _blk(self, bid).next
             self.n_spare -= 1
             self._free_data(bid)
 
@@ -313,14 +336,14 @@ cdef class KVStore:
                     while p < b:
                         c = self._run(L, p, b, &j, &off)
                         old = row[j]
-                        if old < 0 or self.blocks[old].refcount > 1:
+                        if old < 0 or _blk(self, old).refcount > 1:
                             if pass_ == 0:
                                 need += 1
                             else:
                                 bid = ids[used]
                                 used += 1
                                 if old >= 0:
-                                    memcpy(self.blocks[bid].data, self.blocks[old].data,
+                                    memcpy(_blk(self, bid).data, _blk(self, old).data,
                                            self.block_bytes)
                                     self._release_block(old)
                                 row[j] = bid
@@ -372,7 +395,7 @@ cdef class KVStore:
                 p = start
                 while p < end:
                     c = self._run(L, p, end, &j, &off)
-                    src = self.blocks[row[j]].data + half + off * self.row_bytes
+                    src = _blk(self, row[j]).data + half + off * self.row_bytes
                     for h in range(self.heads):
                         memcpy(dst + (h * nh + i) * self.row_bytes,
                                src + h * head_stride, c * self.row_bytes)
@@ -657,7 +680,7 @@ cdef class KVStore:
                 for j in range(L.nblk):
                     tables[i][r * L.nblk + j] = L.table[idx[r] * L.nblk + j]
                     if tables[i][r * L.nblk + j] >= 0:
-                        self.blocks[tables[i][r * L.nblk + j]].refcount += 1
+                        _blk(self, tables[i][r * L.nblk + j]).refcount += 1
             self._release_tail(L, 0)     # ... then drop the old ones
             PyMem_RawFree(L.table)
             L.table = tables[i]
@@ -704,7 +727,8 @@ cdef class KVStore:
     def _memory(self):
         """(memory_bytes, live_bytes, data_blocks, spare_blocks)."""
         cdef int64_t i, meta, live = 0
-        meta = (self.blocks_alloc * sizeof(kv_block) + self.retired_bytes
+        meta = (self.blocks_alloc * sizeof(kv_block) + self.ndir * sizeof(kv_block *)
+                + self.retired_bytes
                 + self.num_layers * sizeof(kv_layer))
         for i in range(self.num_layers):
             meta += self.layers[i].nblk * self.batch * sizeof(int32_t)
@@ -829,7 +853,7 @@ cdef void _scatter(KVStore s, const kv_layer *L, const char *kd, const cnp.npy_i
         p = a
         while p < b:
             c = s._run(L, p, b, &j, &off)
-            dst = s.blocks[row[j]].data + off * s.row_bytes
+            dst = _blk(s, row[j]).data + off * s.row_bytes
             i = p - start
             for h in range(s.heads):
                 _put_rows(s, dst + h * head_stride,
