@@ -91,5 +91,5 @@ cdef class KVStore:
     cdef cnp.ndarray _convert_input(self, object x, str name)
     cdef int _write(self, kv_layer *L, Py_ssize_t layer_idx, cnp.ndarray ka,
                     cnp.ndarray va, int64_t t, int64_t m) except -1
-    cdef kv_layer *_layer(self, Py_ssize_t layer_idx) except NULL
-    cdef object _read(self, Py_ssize_t layer_idx, int which)
+    cdef kv_layer *_layer(self, object layer_idx) except NULL
+    cdef object _read(self, object layer_idx, int which)

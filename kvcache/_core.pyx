@@ -20,12 +20,15 @@ call.
 """
 
 cimport numpy as cnp
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
 from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.string cimport memcpy
 
-import numpy as np
+import operator
 from time import perf_counter
+
+import numpy as np
 
 cnp.import_array()
 
@@ -35,6 +38,9 @@ cdef enum:
     NOGIL_COPY_BYTES = 65536
     # Most blocks a pool may hold (ids are int32 table entries).
     MAX_BLOCKS = 2147483000
+
+# Largest length or index accepted (2**62): sums of two never overflow int64.
+cdef int64_t MAX_INDEX = 1LL << 62
 
 
 class CacheFullError(IndexError):
@@ -46,6 +52,20 @@ class CacheFullError(IndexError):
 
 
 _DTYPES = {"float16": (cnp.NPY_FLOAT16, 2), "float32": (cnp.NPY_FLOAT, 4)}
+
+
+cdef inline int64_t _as_int64(object x, str name, object exc) except? -1:
+    """`x` as an integer (operator.index semantics).  A value beyond 64 bits
+    raises `exc` (IndexError for an index, ValueError for a length) rather
+    than OverflowError: it is out of range like any other bad index."""
+    cdef int overflow = 0
+    cdef long long v
+    if not PyLong_CheckExact(x):
+        x = operator.index(x)            # TypeError for non-integers
+    v = PyLong_AsLongLongAndOverflow(x, &overflow)
+    if overflow or v > MAX_INDEX or v < -MAX_INDEX:
+        raise exc(f"{name} {x} is out of range")
+    return v
 
 
 cdef inline int64_t _min(int64_t a, int64_t b) noexcept nogil:
@@ -404,7 +424,7 @@ cdef class KVStore:
 
     # ------------------------------------------------------------ public API
 
-    def update(self, Py_ssize_t layer_idx, object k, object v, Py_ssize_t seq_len):
+    def update(self, layer_idx, object k, object v, seq_len):
         """Write ``k``/``v`` at positions ``seq_len - t .. seq_len - 1`` of the
         layer and set its length to ``seq_len`` (``t = k.shape[2]``).
 
@@ -415,9 +435,11 @@ cdef class KVStore:
         cdef kv_layer *L
         cdef cnp.ndarray ka, va
         cdef int64_t t = 0
-        if layer_idx < 0 or layer_idx >= self.num_layers:
+        cdef int64_t li = _as_int64(layer_idx, "layer_idx", IndexError)
+        cdef int64_t m = _as_int64(seq_len, "seq_len", ValueError)
+        if li < 0 or li >= self.num_layers:
             raise IndexError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
-        L = &self.layers[layer_idx]
+        L = &self.layers[li]
         if k is None and v is None:
             ka = va = None
         elif k is None or v is None:
@@ -430,7 +452,7 @@ cdef class KVStore:
             if cnp.PyArray_DIMS(va)[2] != t:
                 raise ValueError(f"k and v must hold the same number of tokens: "
                                  f"k has {t}, v has {cnp.PyArray_DIMS(va)[2]}")
-        self._write(L, layer_idx, ka, va, t, seq_len)
+        self._write(L, li, ka, va, t, m)
 
     cdef cnp.ndarray _as_input(self, object x, str name):
         """`x` as an ndarray of the cache dtype and shape [batch, heads, t, head_dim].
@@ -561,33 +583,34 @@ cdef class KVStore:
                      double seconds):
         """Called after a growth committed (KVCache logs and counts it)."""
 
-    def seq_len(self, Py_ssize_t layer_idx):
+    def seq_len(self, layer_idx):
         """Tokens logically in the layer: its absolute length, evicted included."""
         return self._layer(layer_idx).n
 
-    def capacity(self, Py_ssize_t layer_idx):
+    def capacity(self, layer_idx):
         """Tokens the layer can hold before it evicts, grows or fails."""
         return self._layer(layer_idx).cap
 
-    def held(self, Py_ssize_t layer_idx):
+    def held(self, layer_idx):
         """Tokens the layer holds (sinks plus window)."""
         return self._held(self._layer(layer_idx))
 
-    cdef kv_layer *_layer(self, Py_ssize_t layer_idx) except NULL:
-        if layer_idx < 0 or layer_idx >= self.num_layers:
+    cdef kv_layer *_layer(self, object layer_idx) except NULL:
+        cdef int64_t li = _as_int64(layer_idx, "layer_idx", IndexError)
+        if li < 0 or li >= self.num_layers:
             raise IndexError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
-        return &self.layers[layer_idx]
+        return &self.layers[li]
 
-    def keys(self, Py_ssize_t layer_idx):
+    def keys(self, layer_idx):
         """The held keys, [batch, kv_heads, held, head_dim], in position order
         (sinks, then window).  Always a fresh copy."""
         return self._read(layer_idx, 0)
 
-    def values(self, Py_ssize_t layer_idx):
+    def values(self, layer_idx):
         """The held values, laid out as :meth:`keys`.  Always a fresh copy."""
         return self._read(layer_idx, 1)
 
-    cdef object _read(self, Py_ssize_t layer_idx, int which):
+    cdef object _read(self, object layer_idx, int which):
         cdef kv_layer *L = self._layer(layer_idx)
         cdef int64_t nh = self._held(L)
         cdef cnp.ndarray out = np.empty((self.batch, self.heads, nh, self.head_dim),
@@ -604,26 +627,28 @@ cdef class KVStore:
             L.hits += nh * self.batch
         return out
 
-    def positions(self, Py_ssize_t layer_idx):
+    def positions(self, layer_idx):
         """Absolute positions held, in the order keys() returns them (int64)."""
         cdef kv_layer *L = self._layer(layer_idx)
         return np.concatenate((np.arange(_min(self.sinks, L.lo), dtype=np.int64),
                                np.arange(L.lo, L.n, dtype=np.int64)))
 
-    def truncate(self, Py_ssize_t seq_len, layer_idx=None):
+    def truncate(self, seq_len, layer_idx=None):
         """Drop every position >= seq_len (of one layer, or all when None).
 
         A layer already shorter than ``seq_len`` is left as it is (like
         transformers' ``crop``).
         """
         cdef Py_ssize_t i, lo_i, hi_i
+        seq_len = operator.index(seq_len)
         if seq_len < 0:
             raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+        if seq_len > MAX_INDEX:
+            seq_len = MAX_INDEX              # longer than any layer: nothing to drop
         if layer_idx is None:
             lo_i, hi_i = 0, self.num_layers
         else:
-            self._layer(layer_idx)
-            lo_i = layer_idx
+            lo_i = self._layer(layer_idx) - self.layers
             hi_i = lo_i + 1
         for i in range(lo_i, hi_i):
             if self.layers[i].n > seq_len:

@@ -120,11 +120,15 @@ class KVCache(KVStore):
                              "reduce block_size, heads, head_dim or batch_size")
         self._init_store(num_layers, num_kv_heads, head_dim, max_seq_len, batch_size, name,
                          block_size, sink_tokens, overflow == "ring", bool(metrics))
-        self._token_bytes = token_bytes
         self._strategy: GrowthStrategy | None = None
         self._growths = 0
         self._growth_bytes = 0
         self._growth_seconds = 0.0
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes one position takes in one layer: keys and values, every row and head."""
+        return 2 * self.batch_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     # ----------------------------------------------------------------- growth
 
@@ -175,9 +179,10 @@ class KVCache(KVStore):
         super()._set_growth(enabled, max_capacity)
 
     def _growth_done(self, layer_idx: int, old_cap: int, new_cap: int, seconds: float) -> None:
-        self._growths += 1
-        self._growth_bytes += (new_cap - old_cap) * self._token_bytes
-        self._growth_seconds += seconds
+        if self.metrics_enabled:
+            self._growths += 1
+            self._growth_bytes += (new_cap - old_cap) * self.token_bytes
+            self._growth_seconds += seconds
         logger.info("kvcache: layer %d capacity %d -> %d tokens (%.1f us)",
                     layer_idx, old_cap, new_cap, seconds * 1e6)
 

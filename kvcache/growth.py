@@ -9,6 +9,7 @@ strategy rounds its answer up to whole blocks and to at least ``needed``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -54,8 +55,8 @@ class Exponential(GrowthStrategy):
     factor: float = 1.5
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.factor, (int, float)) and self.factor > 1.0):
-            raise ValueError(f"exponential growth needs a factor > 1, got {self.factor!r}")
+        if not (isinstance(self.factor, (int, float)) and 1.0 < self.factor < math.inf):
+            raise ValueError(f"exponential growth needs a finite factor > 1, got {self.factor!r}")
 
     def _propose(self, current: int, needed: int, layer_idx: int) -> int:
         cap = max(current, 1)
@@ -94,10 +95,10 @@ class Adaptive(GrowthStrategy):
     _last: dict[int, tuple[float, int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.horizon_s > 0:
+        if not 0 < self.horizon_s < math.inf:
             raise ValueError(f"horizon_s must be > 0, got {self.horizon_s!r}")
-        if not 1.0 < self.min_factor <= self.max_factor:
-            raise ValueError("need 1 < min_factor <= max_factor, got "
+        if not 1.0 < self.min_factor <= self.max_factor < math.inf:
+            raise ValueError("need 1 < min_factor <= max_factor < inf, got "
                              f"{self.min_factor!r} and {self.max_factor!r}")
 
     def _propose(self, current: int, needed: int, layer_idx: int) -> int:
