@@ -84,6 +84,7 @@ cdef class KVStore:
     cdef int64_t _run(self, const kv_layer *L, int64_t p, int64_t end,
                       int64_t *blk, int64_t *off) noexcept nogil
     cdef int64_t _held(self, const kv_layer *L) noexcept nogil
+    cdef int64_t _held_slots(self, const kv_layer *L) noexcept
     cdef int _ensure_blocks(self, kv_layer *L, int64_t a0, int64_t b0,
                             int64_t a1, int64_t b1) except -1
     cdef void _gather(self, const kv_layer *L, int64_t half, char *out) noexcept nogil

@@ -750,17 +750,44 @@ cdef class KVStore:
             L.tokens_written = L.truncations = 0
 
     def _memory(self):
-        """(memory_bytes, live_bytes, data_blocks, spare_blocks)."""
+        """(memory_bytes, live_bytes, data_blocks, spare_blocks).
+
+        live_bytes counts token data once per block: rows that share a block
+        after reorder_batch share its bytes, so live_bytes never exceeds what
+        the blocks hold and memory_efficiency stays a fraction.
+        """
         cdef int64_t i, meta, live = 0
         meta = (self.blocks_alloc * sizeof(kv_block) + self.ndir * sizeof(kv_block *)
-                + self.retired_bytes
-                + self.num_layers * sizeof(kv_layer))
+                + self.retired_bytes + self.num_layers * sizeof(kv_layer))
         for i in range(self.num_layers):
             meta += self.layers[i].nblk * self.batch * sizeof(int32_t)
-            live += self._held(&self.layers[i])
-        live *= self.batch * self.heads * self.row_bytes * 2
+            live += self._held_slots(&self.layers[i])
+        live *= self.heads * self.row_bytes * 2
         return (self.n_data_blocks * (self.block_bytes + KV_ALIGN) + meta, live,
                 self.n_data_blocks, self.n_spare)
+
+    cdef int64_t _held_slots(self, const kv_layer *L) noexcept:
+        """Held token slots of the layer over all rows, a shared block once."""
+        cdef int64_t total = 0, k, p, end, c, j, off, r, q
+        cdef int32_t bid
+        cdef bint seen
+        for k in range(2):
+            p = 0 if k == 0 else L.lo
+            end = _min(self.sinks, L.lo) if k == 0 else L.n
+            while p < end:
+                c = self._run(L, p, end, &j, &off)
+                for r in range(self.batch):
+                    bid = L.table[r * L.nblk + j]
+                    seen = False
+                    if _blk(self, bid).refcount > 1:   # shared: count at its first row
+                        for q in range(r):
+                            if L.table[q * L.nblk + j] == bid:
+                                seen = True
+                                break
+                    if not seen:
+                        total += c
+                p += c
+        return total
 
     property dtype:
         def __get__(self):

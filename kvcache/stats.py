@@ -18,8 +18,10 @@ Definitions (they are what the numbers mean, and tests hold them to it):
   included, alignment padding included) and metadata (block tables, block
   descriptors, layer descriptors).
 * ``live_bytes``: bytes of token data held (keys and values, every layer,
-  row and head).  ``memory_efficiency = live_bytes / memory_bytes``; slack in
-  partly filled blocks, spares and metadata show as a value below 1.
+  row and head), a block shared by several batch rows (after
+  ``reorder_batch``) counted once.  ``memory_efficiency = live_bytes /
+  memory_bytes``; slack in partly filled blocks, spares and metadata show as
+  a value below 1.
 
 Counters are cumulative since construction or ``KVCache.reset_stats()``;
 ``after - before`` gives the counters of an interval (gauges such as
