@@ -80,6 +80,7 @@ cdef class KVStore:
     cdef void _release_block(self, int32_t bid) noexcept
     cdef void _trim_spares(self) noexcept
     cdef void _free_data(self, int32_t bid) noexcept
+    cdef void _release_unheld(self, kv_layer *L) noexcept
     cdef void _release_tail(self, kv_layer *L, int64_t first_blk) noexcept
     cdef int64_t _run(self, const kv_layer *L, int64_t p, int64_t end,
                       int64_t *blk, int64_t *off) noexcept nogil

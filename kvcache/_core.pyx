@@ -23,7 +23,7 @@ cimport numpy as cnp
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
 from libc.stdint cimport int32_t, int64_t, uintptr_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import operator
 from time import perf_counter
@@ -292,6 +292,37 @@ cdef class KVStore:
             self.n_spare -= 1
             self._free_data(bid)
 
+    cdef void _release_unheld(self, kv_layer *L) noexcept:
+        """Release the blocks (every row) in which the layer holds no slot.
+
+        Linear layout: everything past position n.  A wrapped ring: blocks
+        whose slots all fell out of the held set (a truncation behind the
+        window); the ring's later writes allocate them again on demand.
+        """
+        cdef int64_t k, p, end, c, j, off, r
+        cdef char *held_blk
+        if L.lo <= self.sinks:
+            self._release_tail(L, _ceil_div(L.n, self.block_size))
+            return
+        held_blk = <char *>PyMem_RawMalloc(L.nblk)
+        if held_blk == NULL:
+            return                      # only an optimisation: keep the blocks
+        memset(held_blk, 0, L.nblk)
+        for k in range(2):
+            p = 0 if k == 0 else L.lo
+            end = _min(self.sinks, L.lo) if k == 0 else L.n
+            while p < end:
+                c = self._run(L, p, end, &j, &off)
+                held_blk[j] = 1
+                p += c
+        for j in range(L.nblk):
+            if not held_blk[j]:
+                for r in range(self.batch):
+                    if L.table[r * L.nblk + j] >= 0:
+                        self._release_block(L.table[r * L.nblk + j])
+                        L.table[r * L.nblk + j] = -1
+        PyMem_RawFree(held_blk)
+
     cdef void _release_tail(self, kv_layer *L, int64_t first_blk) noexcept:
         """Release every row's blocks from table index `first_blk` on."""
         cdef int64_t r, j
@@ -493,6 +524,7 @@ cdef class KVStore:
                     cnp.ndarray va, int64_t t, int64_t m) except -1:
         cdef int64_t S = self.sinks, start, n_t, lo_t, lo_new, cap, held_after
         cdef int64_t a0, b0, a1, b1, written, evicted = 0
+        cdef bint truncated
         cdef int64_t old_cap = L.cap, old_nblk = L.nblk
         cdef int32_t *old_table = NULL
         cdef double grow_seconds = 0.0
@@ -557,13 +589,12 @@ cdef class KVStore:
             L.updates += 1
             L.tokens_written += written
             L.evictions += evicted
-        if m < L.n:
-            L.truncations += self.metrics
-            if lo_new <= S:
-                # Linear layout: blocks wholly past position m hold nothing now.
-                self._release_tail(L, _ceil_div(m, self.block_size))
+        truncated = m < L.n
+        L.truncations += truncated and self.metrics
         L.n = m
         L.lo = lo_new
+        if truncated:
+            self._release_unheld(L)
         if written:
             if written * self.batch * self.heads * self.row_bytes * 2 > NOGIL_COPY_BYTES:
                 with nogil:

@@ -191,7 +191,8 @@ class KVCache(KVStore):
     def stats(self) -> CacheStats:
         """A snapshot of the counters and memory gauges (see :mod:`kvcache.stats`).
 
-        Reading it never stops the cache; it costs O(layers).
+        Reading it never stops the cache; it costs O(blocks held) (it walks
+        the block tables to count a shared block once).
         """
         c = self._counters()
         memory, live, blocks, spare = self._memory()

@@ -9,7 +9,8 @@ Definitions (they are what the numbers mean, and tests hold them to it):
   ``0.0`` when nothing was read.
 * ``evictions``: tokens (positions x batch rows) the ring dropped to make room.
   Truncation is not eviction.
-* ``updates``: update calls; ``tokens_written``: positions written (per batch
+* ``updates``: applications of the update rule (each ``update()`` call, and
+  each layer a ``truncate()`` shortens); ``tokens_written``: positions written (per batch
   row: a one-token append to a batch of 4 counts 1), ring-dropped ones excluded.
 * ``growths``: growth events; ``growth_bytes``: token bytes of capacity they
   added (capacity is a bound; blocks are allocated as tokens arrive);

@@ -14,7 +14,6 @@ raises leaves the reference unchanged (the same contract as the cache).
 from __future__ import annotations
 
 import operator
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -30,9 +29,9 @@ class RefLayer:
         self.n = 0
         self.lo = 0
         self.cap = cap
-        self.tokens: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        self.tokens: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def held_positions(self, sinks: int) -> List[int]:
+    def held_positions(self, sinks: int) -> list[int]:
         return list(range(min(sinks, self.lo))) + list(range(self.lo, self.n))
 
 
@@ -43,7 +42,7 @@ class RefCache:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
                  max_seq_len: int = 4096, batch_size: int = 1, dtype="float16",
-                 block_size: Optional[int] = None, sink_tokens: int = 0,
+                 block_size: int | None = None, sink_tokens: int = 0,
                  overflow: str = "ring") -> None:
         self.num_layers = num_layers
         self.heads = num_kv_heads
@@ -55,14 +54,16 @@ class RefCache:
         self.sinks = sink_tokens
         self.ring = overflow == "ring"
         self.layers = [RefLayer(max_seq_len) for _ in range(num_layers)]
-        self.strategy: Optional[GrowthStrategy] = None
+        self.strategy: GrowthStrategy | None = None
         self.max_capacity = max_seq_len
         # counters (tokens x batch rows, like the cache's)
         self.evictions = 0
         self.hits = 0
         self.truncations = 0
         self.growths = 0
-        self.growth_log: List[Tuple[int, int, int]] = []   # (layer, old, new)
+        self.growth_bytes = 0
+        self.tokens_written = 0            # positions written per row, dropped ones excluded
+        self.growth_log: list[tuple[int, int, int]] = []   # (layer, old, new)
 
     # ---------------------------------------------------------------- helpers
 
@@ -140,12 +141,14 @@ class RefCache:
             self.truncations += 1
         if cap != L.cap:
             self.growths += 1
+            self.growth_bytes += (cap - L.cap) * self.token_bytes()
             self.growth_log.append((operator.index(layer_idx), L.cap, cap))
         tokens = {p: kv for p, kv in L.tokens.items() if p < m}
         for p in range(start, m):
             j = p - start
             tokens[p] = (ka[:, :, j, :].copy(), va[:, :, j, :].copy())
         keep = set(new_held)
+        self.tokens_written += sum(1 for p in range(start, m) if p in keep)
         L.tokens = {p: kv for p, kv in tokens.items() if p in keep}
         L.n, L.lo, L.cap = m, lo_new, cap
 
@@ -160,13 +163,28 @@ class RefCache:
             if self.layers[i].n > m:
                 self.update(i, None, None, m)
 
+    def reorder_batch(self, indices) -> None:
+        """Row r of every layer becomes what row indices[r] was."""
+        idx = [operator.index(i) for i in indices]
+        if not idx:
+            raise ValueError("no rows selected")
+        if min(idx) < 0 or max(idx) >= self.batch:
+            raise IndexError("row index out of range")
+        for L in self.layers:
+            L.tokens = {p: (k[idx].copy(), v[idx].copy()) for p, (k, v) in L.tokens.items()}
+        self.batch = len(idx)
+
+    def token_bytes(self) -> int:
+        """Bytes of one token position: keys and values, every row and head."""
+        return 2 * self.batch * self.heads * self.head_dim * self.dtype.itemsize
+
     def reset(self) -> None:
         self.layers = [RefLayer(self.max_seq_len) for _ in range(self.num_layers)]
 
     # ----------------------------------------------------------------- growth
 
     def enable_dynamic_growth(self, strategy: GrowthStrategy,
-                              max_capacity: Optional[int] = None) -> None:
+                              max_capacity: int | None = None) -> None:
         cap_max = MAX_TOKENS if max_capacity is None else operator.index(max_capacity)
         if not 1 <= cap_max <= MAX_TOKENS:
             raise ValueError("max_capacity out of range")
