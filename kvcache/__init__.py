@@ -1,6 +1,18 @@
 """kvcache: a compiled, paged key/value cache for transformer inference on the CPU."""
 
-from ._core import CacheFullError
+try:
+    from ._core import CacheFullError
+except ImportError as exc:  # pragma: no cover - depends on how it was installed
+    import os as _os
+
+    if _os.path.exists(_os.path.join(_os.path.dirname(__file__), "_core.pyx")):
+        raise ImportError(
+            "kvcache's compiled core is not built in this source tree "
+            f"({_os.path.dirname(__file__)}): Python imported the checkout instead of "
+            "the installed package.  Run from outside the checkout, or build in place "
+            "with `pip install -e .`."
+        ) from exc
+    raise
 from .cache import DEFAULT_BLOCK_SIZE, KVCache
 from .growth import GrowthStrategy
 from .stats import CacheStats
