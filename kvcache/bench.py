@@ -510,26 +510,18 @@ def _bench_metrics(reps: int, ctx: int, progress: bool) -> dict:
                     c.truncate(ctx)
                 n = ctx
             n += 1
-            if r & 1:
-                t0 = pc()
-                for layer in layers:
-                    upd_on(layer, k, v, n)
-                t1 = pc()
-                for layer in layers:
-                    upd_off(layer, k, v, n)
-                t2 = pc()
-                on.append(t1 - t0)
-                off.append(t2 - t1)
-            else:
-                t0 = pc()
-                for layer in layers:
-                    upd_off(layer, k, v, n)
-                t1 = pc()
-                for layer in layers:
-                    upd_on(layer, k, v, n)
-                t2 = pc()
-                off.append(t1 - t0)
-                on.append(t2 - t1)
+            # Alternate which runs first so drift and cache warmth cancel.
+            (first, first_ts), (second, second_ts) = (
+                ((upd_on, on), (upd_off, off)) if r & 1 else ((upd_off, off), (upd_on, on)))
+            t0 = pc()
+            for layer in layers:
+                first(layer, k, v, n)
+            t1 = pc()
+            for layer in layers:
+                second(layer, k, v, n)
+            t2 = pc()
+            first_ts.append(t1 - t0)
+            second_ts.append(t2 - t1)
             if not r & 255:
                 prog.update(r)
     finally:
