@@ -21,6 +21,9 @@ NATIVE = os.environ.get("KVCACHE_NATIVE") == "1"
 compile_args = []
 if sys.platform != "win32":
     compile_args += ["-O0", "-g"] if DEBUG else ["-O3"]
+    # No fused multiply-add contraction: the tier codecs must round exactly
+    # like their numpy reference (q * scale + zero in two roundings).
+    compile_args.append("-ffp-contract=off")
     if NATIVE:
         compile_args.append("-march=native")
     # The hot loops rely on no strict-aliasing tricks, but numpy's headers
@@ -30,11 +33,11 @@ if sys.platform != "win32":
 extensions = [
     Extension(
         "kvcache._core",
-        sources=["kvcache/_core.pyx"],
+        sources=["kvcache/_core.pyx", "src/kv_tiers.c"],
         include_dirs=[numpy.get_include(), "include"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
-        depends=["include/kv_platform.h", "kvcache/_core.pxd"],
+        depends=["include/kv_platform.h", "include/kv_tiers.h", "kvcache/_core.pxd"],
     )
 ]
 

@@ -14,8 +14,10 @@ except ImportError as exc:  # pragma: no cover - depends on how it was installed
         ) from exc
     raise
 from .cache import DEFAULT_BLOCK_SIZE, KVCache
+from .compression import CompressionStats, CompressionStrategy
 from .growth import GrowthStrategy
 from .stats import CacheStats
 
-__all__ = ["KVCache", "GrowthStrategy", "CacheStats", "CacheFullError", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["KVCache", "GrowthStrategy", "CacheStats", "CacheFullError", "CompressionStrategy",
+           "CompressionStats", "DEFAULT_BLOCK_SIZE"]
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 # Declarations of kvcache's compiled block store (see _core.pyx).
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 
 
 cdef extern from "kv_platform.h":
@@ -14,18 +14,54 @@ cdef extern from "kv_platform.h":
 cdef enum:
     MAX_RETIRED = 32
     # Block descriptors come in chunks of KV_CHUNK that never move.
-    KV_CHUNK_SHIFT = 12
-    KV_CHUNK = 4096
+    KV_CHUNK_SHIFT = 10
+    KV_CHUNK = 1024
 
 
 # One fixed-size block of the pool: `block_size` tokens of one layer and one
 # batch row, keys then values, each laid out [heads][block_size][head_dim] so
 # that one head's tokens are contiguous (what attention streams).
 ctypedef struct kv_block:
-    char *raw          # what PyMem_RawMalloc returned; NULL: descriptor unused
+    char *raw          # what PyMem_RawMalloc returned; NULL when compressed or unused
     char *data         # raw rounded up to KV_ALIGN
+    uint8_t *payload   # the compressed form (tier != KV_TIER_FULL), else NULL
+    int64_t payload_bytes
+    double born        # clock() when taken from the pool (or last rewritten)
     int32_t refcount   # block-table entries pointing here; 0 while spare
     int32_t next       # next id in the spare or unused list; -1 ends it
+    int32_t tier       # enum kv_tier
+    int32_t flags      # KV_FLAG_*
+    int32_t exact_rows # leading slots kept verbatim after a quantized payload
+
+
+cdef extern from "kv_tiers.h":
+    enum:
+        KV_TIER_FULL
+        KV_TIER_FP16
+        KV_TIER_INT8
+        KV_TIER_INT4
+        KV_TIER_LOSSLESS
+    ctypedef struct kv_shape:
+        int64_t heads, tokens, dim, itemsize, g8, g4
+    void kv_tiers_init()
+    float kv_half_to_float(uint16_t h) nogil
+    uint16_t kv_float_to_half(float f) nogil
+    int64_t kv_payload_bytes(int tier, const kv_shape *s) nogil
+    void kv_encode_fp16(const kv_shape *s, const void *block, uint8_t *out) nogil
+    void kv_decode_fp16(const kv_shape *s, const uint8_t *inp, void *block, int halves) nogil
+    void kv_encode_int8(const kv_shape *s, const void *block, uint8_t *out) nogil
+    void kv_decode_int8(const kv_shape *s, const uint8_t *inp, void *block, int halves) nogil
+    void kv_encode_int4(const kv_shape *s, const void *block, uint8_t *out) nogil
+    void kv_decode_int4(const kv_shape *s, const uint8_t *inp, void *block, int halves) nogil
+    void kv_shuffle(const uint8_t *inp, uint8_t *out, int64_t n, int64_t itemsize) nogil
+    void kv_unshuffle(const uint8_t *inp, uint8_t *out, int64_t n, int64_t itemsize) nogil
+    double kv_block_rel_error(const kv_shape *s, const void *exact, const void *approx) nogil
+
+
+cdef enum:
+    # LOSSLESS was tried and did not shrink the block: it stays full precision
+    # and is not tried again.
+    KV_FLAG_INCOMPRESSIBLE = 1
 
 
 # Per-layer state.  Held positions are [0, min(S, lo)) and [lo, n), S the sink
@@ -71,6 +107,10 @@ cdef class KVStore:
         int32_t spare_head      # spare blocks: data kept for reuse
         int32_t unused_head     # descriptors without data
         int64_t n_spare, max_spare, n_data_blocks
+        int64_t n_compressed, payload_total   # compressed blocks and their bytes
+        kv_shape shape          # one block half, for the tier codecs
+        object clock            # time source for block ages (seconds)
+        int64_t auto_residual   # >= 0: compress blocks leaving this window
         kv_block **retired[MAX_RETIRED]  # old directories, freed at dealloc
         int n_retired
         int64_t retired_bytes
@@ -85,10 +125,21 @@ cdef class KVStore:
     cdef int64_t _run(self, const kv_layer *L, int64_t p, int64_t end,
                       int64_t *blk, int64_t *off) noexcept nogil
     cdef int64_t _held(self, const kv_layer *L) noexcept nogil
-    cdef int64_t _held_slots(self, const kv_layer *L) noexcept
+    cdef int64_t _live_bytes(self, const kv_layer *L) noexcept
     cdef int _ensure_blocks(self, kv_layer *L, int64_t a0, int64_t b0,
                             int64_t a1, int64_t b1) except -1
-    cdef void _gather(self, const kv_layer *L, int64_t half, char *out) noexcept nogil
+    cdef int _gather(self, const kv_layer *L, int64_t half, char *out,
+                     int64_t *hits, int64_t *misses) except -1 nogil
+    cdef int _decode(self, int32_t bid, char *dst, int halves) except -1
+    cdef int _decode_nogil(self, int32_t bid, char *dst, int halves) except -1 nogil
+    cdef list _eligible(self, const kv_layer *L, int64_t residual, int64_t keep_first)
+    cdef object _compress_block(self, int32_t bid, int tier, double budget, int64_t exact)
+    cdef object _install(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
+                         int64_t exact)
+    cdef uint8_t *_encode_block(self, int32_t bid, int tier, int64_t exact,
+                                int64_t *nbytes) except NULL
+    cdef void _restore_prefix(self, const uint8_t *payload, int tier, int64_t exact,
+                              char *dst, int halves) noexcept nogil
     cdef cnp.ndarray _as_input(self, object x, str name)
     cdef cnp.ndarray _convert_input(self, object x, str name)
     cdef int _write(self, kv_layer *L, Py_ssize_t layer_idx, cnp.ndarray ka,

@@ -22,15 +22,26 @@ call.
 cimport numpy as cnp
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uintptr_t
 from libc.string cimport memcpy, memset
 
 import operator
-from time import perf_counter
+from time import monotonic, perf_counter
 
 import numpy as np
 
 cnp.import_array()
+kv_tiers_init()
+
+# Tier codes for Python (kvcache.compression): _compress(tier=ADAPTIVE_TIER)
+# picks a tier per block.
+TIER_FP16 = KV_TIER_FP16
+TIER_INT8 = KV_TIER_INT8
+TIER_INT4 = KV_TIER_INT4
+TIER_LOSSLESS = KV_TIER_LOSSLESS
+ADAPTIVE_TIER = 5
+TIER_NAMES = {KV_TIER_FULL: "full", KV_TIER_FP16: "fp16", KV_TIER_INT8: "int8",
+              KV_TIER_INT4: "int4", KV_TIER_LOSSLESS: "lossless"}
 
 cdef enum:
     # Copies larger than this many bytes release the GIL; below it, releasing
@@ -116,6 +127,8 @@ cdef class KVStore:
         self.unused_head = -1
         self.n_retired = 0
         self.retired_bytes = 0
+        self.clock = None
+        self.auto_residual = -1
 
     def __dealloc__(self):
         cdef int64_t i
@@ -126,7 +139,8 @@ cdef class KVStore:
             self.layers = NULL
         if self.bdir != NULL:
             for i in range(self.nblocks):
-                PyMem_RawFree(_blk(self, i).raw)     # NULL for unused descriptors
+                PyMem_RawFree(_blk(self, i).raw)     # NULL when compressed or unused
+                PyMem_RawFree(_blk(self, i).payload) # NULL unless compressed
             for i in range(self.nchunks):
                 PyMem_RawFree(self.bdir[i])
             PyMem_RawFree(self.bdir)
@@ -137,7 +151,8 @@ cdef class KVStore:
 
     def _init_store(self, int64_t num_layers, int64_t num_kv_heads, int64_t head_dim,
                     int64_t max_seq_len, int64_t batch_size, str dtype,
-                    int64_t block_size, int64_t sink_tokens, bint ring, bint metrics):
+                    int64_t block_size, int64_t sink_tokens, bint ring, bint metrics,
+                    int64_t group8=64, int64_t group4=32, object clock=None):
         """Allocate the layer tables.  Arguments are validated by KVCache."""
         cdef int64_t i
         cdef kv_layer *L
@@ -161,6 +176,13 @@ cdef class KVStore:
         self.ring = ring
         self.metrics = metrics
         self.growth_enabled = False
+        self.clock = clock if clock is not None else monotonic
+        self.shape.heads = num_kv_heads
+        self.shape.tokens = block_size
+        self.shape.dim = head_dim
+        self.shape.itemsize = self.itemsize
+        self.shape.g8 = group8
+        self.shape.g4 = group4
         self.row_bytes = head_dim * self.itemsize
         self.half_bytes = num_kv_heads * block_size * self.row_bytes
         self.block_bytes = 2 * self.half_bytes
@@ -190,11 +212,13 @@ cdef class KVStore:
         """A block with refcount 1: a spare one, else freshly allocated."""
         cdef int32_t bid
         cdef char *raw
+        cdef double now = self.clock()
         if self.spare_head >= 0:
             bid = self.spare_head
             self.spare_head = _blk(self, bid).next
             self.n_spare -= 1
             _blk(self, bid).refcount = 1
+            _blk(self, bid).born = now
             return bid
         if self.unused_head >= 0:
             bid = self.unused_head
@@ -222,6 +246,12 @@ cdef class KVStore:
                                          & ~(<uintptr_t>KV_ALIGN - 1))
         _blk(self, bid).refcount = 1
         _blk(self, bid).next = -1
+        _blk(self, bid).payload = NULL
+        _blk(self, bid).payload_bytes = 0
+        _blk(self, bid).tier = KV_TIER_FULL
+        _blk(self, bid).flags = 0
+        _blk(self, bid).exact_rows = 0
+        _blk(self, bid).born = now
         self.n_data_blocks += 1
         return bid
 
@@ -266,7 +296,8 @@ cdef class KVStore:
         b.refcount -= 1
         if b.refcount > 0:
             return
-        if self.n_spare < self.max_spare:
+        b.flags = 0
+        if self.n_spare < self.max_spare and b.tier == KV_TIER_FULL:
             b.next = self.spare_head
             self.spare_head = bid
             self.n_spare += 1
@@ -276,12 +307,21 @@ cdef class KVStore:
     cdef void _free_data(self, int32_t bid) noexcept:
         """Return a block's memory to the allocator; its descriptor becomes unused."""
         cdef kv_block *b = _blk(self, bid)
-        PyMem_RawFree(b.raw)
+        if b.raw != NULL:
+            PyMem_RawFree(b.raw)
+            self.n_data_blocks -= 1
+        if b.payload != NULL:
+            PyMem_RawFree(b.payload)
+            self.payload_total -= b.payload_bytes
+            self.n_compressed -= 1
         b.raw = NULL
         b.data = NULL
+        b.payload = NULL
+        b.payload_bytes = 0
+        b.tier = KV_TIER_FULL
+        b.exact_rows = 0
         b.next = self.unused_head
         self.unused_head = bid
-        self.n_data_blocks -= 1
 
     cdef void _trim_spares(self) noexcept:
         """Free spare blocks beyond max_spare."""
@@ -366,8 +406,8 @@ cdef class KVStore:
     cdef int _ensure_blocks(self, kv_layer *L, int64_t a0, int64_t b0,
                             int64_t a1, int64_t b1) except -1:
         """Give every slot of positions [a0, b0) and [a1, b1), in every row, a
-        block of its own (refcount 1).  All-or-nothing: on MemoryError no
-        table entry changes."""
+        full-precision block of its own (refcount 1).  All-or-nothing: on
+        MemoryError no table entry changes."""
         cdef int64_t p, c, j, off, r, need = 0, used = 0, i, rng, a, b
         cdef int32_t bid, old
         cdef int32_t *row
@@ -387,15 +427,18 @@ cdef class KVStore:
                     while p < b:
                         c = self._run(L, p, b, &j, &off)
                         old = row[j]
-                        if old < 0 or _blk(self, old).refcount > 1:
+                        if (old < 0 or _blk(self, old).refcount > 1
+                                or _blk(self, old).tier != KV_TIER_FULL):
                             if pass_ == 0:
                                 need += 1
                             else:
                                 bid = ids[used]
                                 used += 1
                                 if old >= 0:
-                                    memcpy(_blk(self, bid).data, _blk(self, old).data,
-                                           self.block_bytes)
+                                    # Copy-on-write of a shared block, or a
+                                    # compressed block written again: it comes
+                                    # back to full precision (decoded whole).
+                                    self._decode(old, _blk(self, bid).data, 3)
                                     self._release_block(old)
                                 row[j] = bid
                         p += c
@@ -424,34 +467,84 @@ cdef class KVStore:
             PyMem_RawFree(ids)
         return 0
 
-    cdef void _gather(self, const kv_layer *L, int64_t half, char *out) noexcept nogil:
+    cdef int _gather(self, const kv_layer *L, int64_t half, char *out,
+                     int64_t *hits, int64_t *misses) except -1 nogil:
         """Copy the held tokens of one half (0: keys, half_bytes: values) into
-        `out`, laid out [batch][heads][held][head_dim], in position order."""
+        `out`, laid out [batch][heads][held][head_dim], in position order.
+
+        Tokens of compressed blocks are decoded (the whole block, into a
+        scratch buffer owned by this call, so concurrent readers of other
+        layers never share one) and counted as misses; the rest are hits.
+        """
         cdef int64_t nh = self._held(L), r, h, i, p, c, j, off, k, end, start
         cdef int64_t head_stride = self.block_size * self.row_bytes
         cdef const int32_t *row
         cdef const char *src
         cdef char *dst
-        for r in range(self.batch):
-            row = L.table + r * L.nblk
-            dst = out + r * self.heads * nh * self.row_bytes
-            i = 0
-            for k in range(2):
-                if k == 0:
-                    start = 0
-                    end = _min(self.sinks, L.lo)
-                else:
-                    start = L.lo
-                    end = L.n
-                p = start
-                while p < end:
-                    c = self._run(L, p, end, &j, &off)
-                    src = _blk(self, row[j]).data + half + off * self.row_bytes
-                    for h in range(self.heads):
-                        memcpy(dst + (h * nh + i) * self.row_bytes,
-                               src + h * head_stride, c * self.row_bytes)
-                    p += c
-                    i += c
+        cdef char *scratch = NULL
+        cdef kv_block *b
+        try:
+            for r in range(self.batch):
+                row = L.table + r * L.nblk
+                dst = out + r * self.heads * nh * self.row_bytes
+                i = 0
+                for k in range(2):
+                    start = 0 if k == 0 else L.lo
+                    end = _min(self.sinks, L.lo) if k == 0 else L.n
+                    p = start
+                    while p < end:
+                        c = self._run(L, p, end, &j, &off)
+                        b = _blk(self, row[j])
+                        if b.tier == KV_TIER_FULL:
+                            src = b.data
+                            hits[0] += c
+                        else:
+                            if scratch == NULL:
+                                scratch = <char *>PyMem_RawMalloc(self.block_bytes)
+                                if scratch == NULL:
+                                    with gil:
+                                        raise MemoryError("cannot allocate a decode buffer")
+                            self._decode_nogil(row[j], scratch, 1 if half == 0 else 2)
+                            src = scratch
+                            misses[0] += c
+                        src += half + off * self.row_bytes
+                        for h in range(self.heads):
+                            memcpy(dst + (h * nh + i) * self.row_bytes,
+                                   src + h * head_stride, c * self.row_bytes)
+                        p += c
+                        i += c
+        finally:
+            PyMem_RawFree(scratch)
+        return 0
+
+    cdef int _decode_nogil(self, int32_t bid, char *dst, int halves) except -1 nogil:
+        """Write block `bid` at full precision into `dst` (block_bytes): the
+        halves named by `halves` (1: keys, 2: values, 3: both; LOSSLESS
+        always decodes both)."""
+        cdef kv_block *b = _blk(self, bid)
+        if b.tier == KV_TIER_FULL:
+            memcpy(dst, b.data, self.block_bytes)
+        elif b.tier != KV_TIER_LOSSLESS:
+            _decode_payload(&self.shape, b.tier, b.payload, dst, halves)
+            self._restore_prefix(b.payload, b.tier, b.exact_rows, dst, halves)
+        else:
+            with gil:                      # the LZ4 codec is the lz4 package's
+                self._decode(bid, dst, halves)
+        return 0
+
+    cdef int _decode(self, int32_t bid, char *dst, int halves) except -1:
+        cdef kv_block *b = _blk(self, bid)
+        cdef bytes plain
+        if b.tier != KV_TIER_LOSSLESS:
+            return self._decode_nogil(bid, dst, halves)
+        plain = _lz4().decompress(
+            (<char *>b.payload)[:b.payload_bytes], uncompressed_size=self.block_bytes)
+        if len(plain) != self.block_bytes:
+            raise ValueError(f"a lossless block decoded to {len(plain)} bytes, "
+                             f"expected {self.block_bytes}")
+        kv_unshuffle(<const uint8_t *><char *>plain, <uint8_t *>dst,
+                     self.block_bytes // self.itemsize, self.itemsize)
+        return 0
 
     # ------------------------------------------------------------ public API
 
@@ -523,7 +616,7 @@ cdef class KVStore:
     cdef int _write(self, kv_layer *L, Py_ssize_t layer_idx, cnp.ndarray ka,
                     cnp.ndarray va, int64_t t, int64_t m) except -1:
         cdef int64_t S = self.sinks, start, n_t, lo_t, lo_new, cap, held_after
-        cdef int64_t a0, b0, a1, b1, written, evicted = 0
+        cdef int64_t a0, b0, a1, b1, written, evicted = 0, n_old = L.n
         cdef bint truncated
         cdef int64_t old_cap = L.cap, old_nblk = L.nblk
         cdef int32_t *old_table = NULL
@@ -604,7 +697,16 @@ cdef class KVStore:
         if old_table != NULL:
             PyMem_RawFree(old_table)
             self._growth_done(layer_idx, old_cap, cap, grow_seconds)
+        if (self.auto_residual >= 0 and m > n_old
+                and (m - self.auto_residual) >> self.block_shift
+                != (n_old - self.auto_residual) >> self.block_shift):
+            # A block boundary left the residual window: compress what is
+            # now eligible (once every block_size tokens per layer).
+            self._auto_compress(layer_idx)
         return 0
+
+    def _auto_compress(self, Py_ssize_t layer_idx):
+        """Automatic-compression hook (KVCache overrides it)."""
 
     def _grown_capacity(self, Py_ssize_t layer_idx, int64_t cap, int64_t needed):
         """Growth policy hook (KVCache overrides it): the new capacity."""
@@ -647,15 +749,15 @@ cdef class KVStore:
         cdef cnp.ndarray out = np.empty((self.batch, self.heads, nh, self.head_dim),
                                         dtype=self._dtype)
         cdef char *dst = <char *>cnp.PyArray_DATA(out)
-        cdef int64_t half = which * self.half_bytes
+        cdef int64_t half = which * self.half_bytes, hits = 0, misses = 0
         if nh * self.batch * self.heads * self.row_bytes > NOGIL_COPY_BYTES:
             with nogil:
-                self._gather(L, half, dst)
+                self._gather(L, half, dst, &hits, &misses)
         else:
-            self._gather(L, half, dst)
+            self._gather(L, half, dst, &hits, &misses)
         if self.metrics:
-            # Every token read here comes from the full-precision tier.
-            L.hits += nh * self.batch
+            L.hits += hits
+            L.misses += misses
         return out
 
     def positions(self, layer_idx):
@@ -757,6 +859,192 @@ cdef class KVStore:
             if L.cap != self.initial_cap:
                 PyMem_RawFree(_set_capacity(self, L, self.initial_cap))
 
+    # ----------------------------------------------------------- compression
+
+    def _compress(self, int tier, int64_t residual, int64_t keep_first, double cutoff,
+                  double budget, layers=None):
+        """Compress every eligible full-precision block born at or before
+        `cutoff` (clock seconds) to `tier` (KV_TIER_* or ADAPTIVE_TIER).
+
+        A block is eligible when all its slots hold positions of the layer,
+        none below `keep_first` and none among the last `residual`.  Blocks
+        already compressed are never touched again.  Returns a list of
+        (tier name, tokens, bytes before, bytes after), one per block tried
+        ("raw" when LOSSLESS could not shrink it: it stays full precision).
+        """
+        cdef int64_t li, j, r
+        cdef kv_layer *L
+        cdef int32_t bid
+        cdef kv_block *b
+        results = []
+        for li in (range(self.num_layers) if layers is None else layers):
+            L = self._layer(li)
+            for j in self._eligible(L, residual, keep_first):
+                for r in range(self.batch):
+                    bid = L.table[r * L.nblk + j]
+                    b = _blk(self, bid)
+                    if b.tier != KV_TIER_FULL or b.born > cutoff:
+                        continue
+                    if tier == KV_TIER_LOSSLESS and b.flags & KV_FLAG_INCOMPRESSIBLE:
+                        continue
+                    res = self._compress_block(
+                        bid, tier, budget, _max(0, keep_first - j * self.block_size))
+                    if res is not None:
+                        results.append(res)
+        return results
+
+    cdef list _eligible(self, const kv_layer *L, int64_t residual, int64_t keep_first):
+        """Table indices of the layer's blocks whose every slot holds a
+        position below n - residual, except blocks wholly inside the first
+        keep_first slots (those positions stay full precision; a block that
+        only starts with some of them keeps them verbatim in its payload)."""
+        cdef int64_t k, p, end, c, j, off, limit = L.n - residual
+        cdef cnp.ndarray[cnp.int64_t, ndim=1] count = np.zeros(L.nblk, dtype=np.int64)
+        cdef cnp.ndarray[cnp.uint8_t, ndim=1] ok = np.ones(L.nblk, dtype=np.uint8)
+        for k in range(2):
+            p = 0 if k == 0 else L.lo
+            end = _min(self.sinks, L.lo) if k == 0 else L.n
+            while p < end:
+                c = self._run(L, p, end, &j, &off)
+                count[j] += c
+                if p + c > limit or (j + 1) * self.block_size <= keep_first:
+                    ok[j] = 0
+                p += c
+        return [j for j in range(L.nblk) if ok[j] and count[j] == self.block_size]
+
+    cdef object _compress_block(self, int32_t bid, int tier, double budget, int64_t exact):
+        """Compress block `bid` to `tier`, its first `exact` slots verbatim."""
+        cdef kv_block *b = _blk(self, bid)
+        cdef uint8_t *payload = NULL
+        cdef char *scratch = NULL
+        cdef int64_t nbytes
+        cdef int cand
+        cdef double err
+        cdef bytearray shuffled
+        cdef bytes packed
+        if tier == ADAPTIVE_TIER:
+            # The smallest representation whose reconstruction error is within
+            # budget; LOSSLESS otherwise.
+            scratch = <char *>PyMem_RawMalloc(self.block_bytes)
+            if scratch == NULL:
+                raise MemoryError("cannot allocate a decode buffer")
+            try:
+                for cand in (KV_TIER_INT4, KV_TIER_INT8, KV_TIER_FP16):
+                    if cand == KV_TIER_FP16 and self.itemsize == 2:
+                        continue
+                    payload = self._encode_block(bid, cand, exact, &nbytes)
+                    with nogil:
+                        _decode_payload(&self.shape, cand, payload, scratch, 3)
+                        self._restore_prefix(payload, cand, exact, scratch, 3)
+                        err = kv_block_rel_error(&self.shape, b.data, scratch)
+                    if err <= budget:          # False for NaN: such blocks go lossless
+                        return self._install(bid, cand, payload, nbytes, exact)
+                    PyMem_RawFree(payload)
+                    payload = NULL
+            finally:
+                PyMem_RawFree(scratch)
+            tier = KV_TIER_LOSSLESS
+            if b.flags & KV_FLAG_INCOMPRESSIBLE:
+                return None
+        if tier == KV_TIER_LOSSLESS:
+            shuffled = bytearray(self.block_bytes)
+            kv_shuffle(<const uint8_t *>b.data, <uint8_t *><char *>shuffled,
+                       self.block_bytes // self.itemsize, self.itemsize)
+            packed = _lz4().compress(shuffled, store_size=False)
+            if len(packed) >= self.block_bytes:
+                b.flags |= KV_FLAG_INCOMPRESSIBLE
+                return ("raw", self.block_size, self.block_bytes, self.block_bytes)
+            nbytes = len(packed)
+            payload = <uint8_t *>PyMem_RawMalloc(nbytes)
+            if payload == NULL:
+                raise MemoryError(f"cannot allocate a {nbytes}-byte payload")
+            memcpy(payload, <char *>packed, nbytes)
+            return self._install(bid, tier, payload, nbytes, 0)
+        if tier == KV_TIER_FP16 and self.itemsize == 2:
+            return None                  # a float16 block is already FP16
+        payload = self._encode_block(bid, tier, exact, &nbytes)
+        return self._install(bid, tier, payload, nbytes, exact)
+
+    cdef uint8_t *_encode_block(self, int32_t bid, int tier, int64_t exact,
+                                int64_t *nbytes) except NULL:
+        """A new payload: block `bid` in `tier` (FP16/INT8/INT4), then its
+        first `exact` slots verbatim ([2][heads][exact][dim]).
+
+        Before quantizing, those slots are replaced by the next slot's values,
+        so that a sink token's outliers do not widen the other tokens' ranges
+        (keys are quantized per channel across the block's tokens).
+        """
+        cdef kv_block *b = _blk(self, bid)
+        cdef int64_t body = kv_payload_bytes(tier, &self.shape), h, w, r
+        cdef int64_t prefix = 2 * self.heads * exact * self.row_bytes
+        cdef int64_t head_stride = self.block_size * self.row_bytes
+        cdef uint8_t *payload = <uint8_t *>PyMem_RawMalloc(body + prefix)
+        cdef char *masked = NULL
+        cdef const char *src = b.data
+        cdef char *row
+        if payload == NULL:
+            raise MemoryError(f"cannot allocate a {body + prefix}-byte payload")
+        if exact:
+            masked = <char *>PyMem_RawMalloc(self.block_bytes)
+            if masked == NULL:
+                PyMem_RawFree(payload)
+                raise MemoryError("cannot allocate an encode buffer")
+        with nogil:
+            if exact:
+                memcpy(masked, b.data, self.block_bytes)
+                for w in range(2):
+                    for h in range(self.heads):
+                        row = masked + w * self.half_bytes + h * head_stride
+                        memcpy(payload + body + ((w * self.heads + h) * exact) * self.row_bytes,
+                               row, exact * self.row_bytes)
+                        for r in range(exact):
+                            memcpy(row + r * self.row_bytes, row + exact * self.row_bytes,
+                                   self.row_bytes)
+                src = masked
+            _encode(&self.shape, tier, src, payload)
+        PyMem_RawFree(masked)
+        nbytes[0] = body + prefix
+        return payload
+
+    cdef void _restore_prefix(self, const uint8_t *payload, int tier, int64_t exact,
+                              char *dst, int halves) noexcept nogil:
+        """Copy a quantized payload's verbatim leading slots over `dst`."""
+        cdef int64_t body = kv_payload_bytes(tier, &self.shape), w, h
+        for w in range(2):
+            if exact and halves & (1 << w):
+                for h in range(self.heads):
+                    memcpy(dst + w * self.half_bytes + h * self.block_size * self.row_bytes,
+                           payload + body + ((w * self.heads + h) * exact) * self.row_bytes,
+                           exact * self.row_bytes)
+
+    cdef object _install(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
+                         int64_t exact):
+        """Swap block `bid`'s full-precision data for `payload` (owned from
+        now on); the data's memory goes back to the allocator."""
+        cdef kv_block *b = _blk(self, bid)
+        PyMem_RawFree(b.raw)
+        b.raw = NULL
+        b.data = NULL
+        self.n_data_blocks -= 1
+        b.payload = payload
+        b.payload_bytes = nbytes
+        b.tier = tier
+        b.exact_rows = <int32_t>exact
+        self.payload_total += nbytes
+        self.n_compressed += 1
+        return (TIER_NAMES[tier], self.block_size, self.block_bytes, nbytes)
+
+    def _block_tiers(self, layer_idx):
+        """[batch, table entries] tier codes of the layer's blocks (-1: none)."""
+        cdef kv_layer *L = self._layer(layer_idx)
+        cdef int64_t r, j
+        out = np.full((self.batch, L.nblk), -1, dtype=np.int8)
+        for r in range(self.batch):
+            for j in range(L.nblk):
+                if L.table[r * L.nblk + j] >= 0:
+                    out[r, j] = _blk(self, L.table[r * L.nblk + j]).tier
+        return out
+
     # -------------------------------------------------------------- metrics
 
     def _counters(self):
@@ -781,7 +1069,11 @@ cdef class KVStore:
             L.tokens_written = L.truncations = 0
 
     def _memory(self):
-        """(memory_bytes, live_bytes, data_blocks, spare_blocks).
+        """(memory_bytes, live_bytes, blocks, spare_blocks, compressed_blocks,
+        compressed_bytes).
+
+        live_bytes is the memory that holds held tokens: a full block's held
+        slots, a compressed block's payload (pro rata to its held slots).
 
         live_bytes counts token data once per block: rows that share a block
         after reorder_batch share its bytes, so live_bytes never exceeds what
@@ -792,13 +1084,16 @@ cdef class KVStore:
                 + self.retired_bytes + self.num_layers * sizeof(kv_layer))
         for i in range(self.num_layers):
             meta += self.layers[i].nblk * self.batch * sizeof(int32_t)
-            live += self._held_slots(&self.layers[i])
-        live *= self.heads * self.row_bytes * 2
-        return (self.n_data_blocks * (self.block_bytes + KV_ALIGN) + meta, live,
-                self.n_data_blocks, self.n_spare)
+            live += self._live_bytes(&self.layers[i])
+        return (self.n_data_blocks * (self.block_bytes + KV_ALIGN) + self.payload_total + meta,
+                live, self.n_data_blocks + self.n_compressed, self.n_spare,
+                self.n_compressed, self.payload_total)
 
-    cdef int64_t _held_slots(self, const kv_layer *L) noexcept:
-        """Held token slots of the layer over all rows, a shared block once."""
+    cdef int64_t _live_bytes(self, const kv_layer *L) noexcept:
+        """Bytes holding the layer's held tokens over all rows, a shared block
+        once, a compressed block by its payload."""
+        cdef int64_t slot_bytes = 2 * self.heads * self.row_bytes
+        cdef kv_block *b
         cdef int64_t total = 0, k, p, end, c, j, off, r, q
         cdef int32_t bid
         cdef bint seen
@@ -816,7 +1111,11 @@ cdef class KVStore:
                                 seen = True
                                 break
                     if not seen:
-                        total += c
+                        b = _blk(self, bid)
+                        if b.tier == KV_TIER_FULL:
+                            total += c * slot_bytes
+                        else:
+                            total += b.payload_bytes * c // self.block_size
                 p += c
         return total
 
@@ -860,9 +1159,73 @@ cdef class KVStore:
         def __get__(self):
             return self.metrics
 
+    def _clock(self):
+        return self.clock()
+
+    def _set_auto(self, int64_t residual):
+        """Call _auto_compress whenever a block leaves the last `residual`
+        positions of a layer (-1: never)."""
+        self.auto_residual = residual
+
     def _set_growth(self, bint enabled, int64_t max_capacity):
         self.growth_enabled = enabled
         self.max_capacity = max_capacity
+
+
+def _float_to_half(const float[::1] x):
+    """Test shim: the core's float -> half conversion, as uint16 bits."""
+    cdef Py_ssize_t i
+    out = np.empty(x.shape[0], dtype=np.uint16)
+    cdef uint16_t[::1] o = out
+    with nogil:
+        for i in range(x.shape[0]):
+            o[i] = kv_float_to_half(x[i])
+    return out
+
+
+def _half_to_float(const uint16_t[::1] h):
+    """Test shim: the core's half -> float conversion."""
+    cdef Py_ssize_t i
+    out = np.empty(h.shape[0], dtype=np.float32)
+    cdef float[::1] o = out
+    with nogil:
+        for i in range(h.shape[0]):
+            o[i] = kv_half_to_float(h[i])
+    return out
+
+
+cdef object _lz4_block = None
+
+
+cdef object _lz4():
+    """The lz4 package's block codec, imported on first use."""
+    global _lz4_block
+    if _lz4_block is None:
+        try:
+            import lz4.block
+        except ImportError as exc:
+            raise ImportError("the LOSSLESS tier needs the lz4 package (pip install lz4)") from exc
+        _lz4_block = lz4.block
+    return _lz4_block
+
+
+cdef void _encode(const kv_shape *s, int tier, const void *block, uint8_t *out) noexcept nogil:
+    if tier == KV_TIER_FP16:
+        kv_encode_fp16(s, block, out)
+    elif tier == KV_TIER_INT8:
+        kv_encode_int8(s, block, out)
+    else:
+        kv_encode_int4(s, block, out)
+
+
+cdef void _decode_payload(const kv_shape *s, int tier, const uint8_t *payload,
+                          void *block, int halves) noexcept nogil:
+    if tier == KV_TIER_FP16:
+        kv_decode_fp16(s, payload, block, halves)
+    elif tier == KV_TIER_INT8:
+        kv_decode_int8(s, payload, block, halves)
+    else:
+        kv_decode_int4(s, payload, block, halves)
 
 
 cdef int32_t *_set_capacity(KVStore s, kv_layer *L, int64_t cap) except? NULL:

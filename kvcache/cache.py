@@ -7,7 +7,12 @@ import operator
 
 import numpy as np
 
+import datetime
+import math
+import time
+
 from ._core import KVStore
+from .compression import CompressionStats, CompressionStrategy
 from .growth import GrowthStrategy
 from .stats import CacheStats
 
@@ -75,6 +80,27 @@ class KVCache(KVStore):
     metrics:
         Maintain the counters of :meth:`stats` (on by default; the cost is a
         few integer additions per call).
+    compression:
+        A :class:`CompressionStrategy` (or its name) for old blocks:
+        ``NONE`` (default), ``FP16``, ``INT8``, ``INT4``, ``LOSSLESS``,
+        ``ADAPTIVE`` (see :mod:`kvcache.compression`).
+    residual_tokens:
+        The most recent positions of each layer stay at full precision (128).
+    group_size, int8_group_size:
+        Channels per quantization group of INT4 values (32) and of INT8
+        (64, capped at ``head_dim``); both must divide ``head_dim``.
+    keep_first:
+        The first positions stay at full precision (attention sinks hold a
+        large share of attention): default ``sink_tokens``, or 4 without sinks.
+    error_budget:
+        ADAPTIVE's bound on a block's relative reconstruction error (0.10).
+    auto_compress:
+        Compress blocks as they leave the residual window, on the update that
+        moves them out (incrementally: a compressed block is never touched
+        again).  Needs ``compression``.
+    clock:
+        Time source for block ages (seconds, default ``time.monotonic``);
+        inject one in tests instead of sleeping.
 
     The update rule
     ---------------
@@ -97,7 +123,11 @@ class KVCache(KVStore):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
                  max_seq_len: int = 4096, batch_size: int = 1, dtype="float16",
                  block_size: int | None = None, sink_tokens: int = 0,
-                 overflow: str = "ring", metrics: bool = True) -> None:
+                 overflow: str = "ring", metrics: bool = True, compression=None,
+                 residual_tokens: int = 128, group_size: int = 32,
+                 int8_group_size: Optional[int] = None, keep_first: Optional[int] = None,
+                 error_budget: float = 0.10, auto_compress: bool = False,
+                 clock=None) -> None:
         num_layers = _positive_int("num_layers", num_layers, maximum=1 << 20)
         num_kv_heads = _positive_int("num_kv_heads", num_kv_heads, maximum=1 << 16)
         head_dim = _positive_int("head_dim", head_dim, maximum=1 << 16)
@@ -118,8 +148,37 @@ class KVCache(KVStore):
         if token_bytes * block_size > 1 << 40:
             raise ValueError(f"one block would take {token_bytes * block_size} bytes; "
                              "reduce block_size, heads, head_dim or batch_size")
+        strategy = CompressionStrategy.coerce(compression)
+        residual_tokens = _positive_int("residual_tokens", residual_tokens, minimum=0)
+        keep_first = _positive_int("keep_first", (sink_tokens or 4) if keep_first is None
+                                   else keep_first, minimum=0)
+        # Group sizes are capped at head_dim (a group never spans two tokens).
+        g4 = min(_positive_int("group_size", group_size, maximum=1 << 16), head_dim)
+        g8 = min(_positive_int("int8_group_size", 64 if int8_group_size is None
+                               else int8_group_size, maximum=1 << 16), head_dim)
+        for label, g in (("group_size", g4), ("int8_group_size", g8)):
+            if head_dim % g:
+                raise ValueError(f"{label} ({g}) must divide head_dim ({head_dim})")
+        if strategy in (CompressionStrategy.INT4, CompressionStrategy.ADAPTIVE) and head_dim % 2:
+            raise ValueError(f"INT4 packs two channels per byte: head_dim must be even, "
+                             f"got {head_dim}")
+        if not (isinstance(error_budget, (int, float)) and 0 <= error_budget < math.inf):
+            raise ValueError(f"error_budget must be a finite number >= 0, got {error_budget!r}")
+        if auto_compress and strategy is CompressionStrategy.NONE:
+            raise ValueError("auto_compress needs a compression strategy")
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be callable, got {type(clock).__name__}")
         self._init_store(num_layers, num_kv_heads, head_dim, max_seq_len, batch_size, name,
-                         block_size, sink_tokens, overflow == "ring", bool(metrics))
+                         block_size, sink_tokens, overflow == "ring", bool(metrics),
+                         g8, g4, clock)
+        self.compression = strategy
+        self.residual_tokens = residual_tokens
+        self.keep_first = keep_first
+        self.error_budget = float(error_budget)
+        self.auto_compress = bool(auto_compress)
+        self._auto_stats = CompressionStats()
+        if auto_compress:
+            self._set_auto(residual_tokens)
         self._strategy: GrowthStrategy | None = None
         self._growths = 0
         self._growth_bytes = 0
@@ -186,6 +245,57 @@ class KVCache(KVStore):
         logger.info("kvcache: layer %d capacity %d -> %d tokens (%.1f us)",
                     layer_idx, old_cap, new_cap, seconds * 1e6)
 
+    # ------------------------------------------------------------ compression
+
+    def compress_old_entries(self, age_threshold=0.0, strategy=None) -> CompressionStats:
+        """Compress every full block, in every layer, written more than
+        ``age_threshold`` seconds ago (a number or a ``timedelta``; 0: every
+        eligible block) that lies outside the residual window and past the
+        first ``keep_first`` positions.
+
+        A block's age counts from when it was taken from the pool (or last
+        rewritten in place).  ``strategy`` defaults to the cache's
+        ``compression``.  Blocks already compressed are left as they are.
+        """
+        if isinstance(age_threshold, datetime.timedelta):
+            age_threshold = age_threshold.total_seconds()
+        if not isinstance(age_threshold, (int, float)) or not age_threshold >= 0:
+            raise ValueError(f"age_threshold must be seconds >= 0 or a timedelta, "
+                             f"got {age_threshold!r}")
+        tier = self.compression if strategy is None else CompressionStrategy.coerce(strategy)
+        if tier is CompressionStrategy.NONE:
+            raise ValueError("no compression strategy: pass compression= to KVCache, "
+                             "or strategy= here")
+        if tier in (CompressionStrategy.INT4, CompressionStrategy.ADAPTIVE) and self.head_dim % 2:
+            raise ValueError(f"INT4 needs an even head_dim, got {self.head_dim}")
+        t0 = time.perf_counter()
+        results = self._compress(int(tier), self.residual_tokens, self.keep_first,
+                                 self.clock_now() - age_threshold, self.error_budget)
+        return CompressionStats.from_results(results, time.perf_counter() - t0)
+
+    def clock_now(self) -> float:
+        """The cache's clock (block ages are measured on it)."""
+        return self._clock()
+
+    def _auto_compress(self, layer_idx: int) -> None:
+        t0 = time.perf_counter()
+        results = self._compress(int(self.compression), self.residual_tokens, self.keep_first,
+                                 math.inf, self.error_budget, (layer_idx,))
+        if results:
+            self._auto_stats = self._auto_stats + CompressionStats.from_results(
+                results, time.perf_counter() - t0)
+
+    @property
+    def auto_compression_stats(self) -> CompressionStats:
+        """What automatic compression has done since construction."""
+        return self._auto_stats
+
+    def block_tiers(self, layer_idx: int):
+        """Tier name of each of the layer's blocks, per batch row, in table order
+        (``None`` where a table entry has no block)."""
+        from ._core import TIER_NAMES
+        return [[TIER_NAMES.get(int(code)) for code in row] for row in self._block_tiers(layer_idx)]
+
     # ---------------------------------------------------------------- metrics
 
     def stats(self) -> CacheStats:
@@ -195,7 +305,7 @@ class KVCache(KVStore):
         the block tables to count a shared block once).
         """
         c = self._counters()
-        memory, live, blocks, spare = self._memory()
+        memory, live, blocks, spare, compressed, compressed_bytes = self._memory()
         per_layer = tuple(
             {k: int(v[i]) for k, v in c.items()} for i in range(self.num_layers))
         return CacheStats(
@@ -204,7 +314,8 @@ class KVCache(KVStore):
             growth_bytes=self._growth_bytes, growth_seconds=self._growth_seconds,
             updates=int(c["updates"].sum()), tokens_written=int(c["tokens_written"].sum()),
             truncations=int(c["truncations"].sum()), memory_bytes=memory, live_bytes=live,
-            blocks=blocks, spare_blocks=spare,
+            blocks=blocks, spare_blocks=spare, compressed_blocks=compressed,
+            compressed_bytes=compressed_bytes,
             tokens_held=sum(self.held(i) for i in range(self.num_layers)),
             capacity_tokens=sum(self.capacity(i) for i in range(self.num_layers)),
             per_layer=per_layer)

@@ -16,8 +16,10 @@ Definitions (they are what the numbers mean, and tests hold them to it):
   added (capacity is a bound; blocks are allocated as tokens arrive);
   ``growth_seconds``: time spent growing.
 * ``memory_bytes``: bytes the cache has allocated: blocks (spare blocks
-  included, alignment padding included) and metadata (block tables, block
-  descriptors, layer descriptors).
+  included, alignment padding included), compressed payloads and metadata
+  (block tables, block descriptors, layer descriptors).
+  ``compressed_blocks`` / ``compressed_bytes``: blocks held in a compressed
+  tier and their payload bytes.
 * ``live_bytes``: bytes of token data held (keys and values, every layer,
   row and head), a block shared by several batch rows (after
   ``reorder_batch``) counted once.  ``memory_efficiency = live_bytes /
@@ -55,6 +57,8 @@ class CacheStats:
     live_bytes: int = 0
     blocks: int = 0
     spare_blocks: int = 0
+    compressed_blocks: int = 0
+    compressed_bytes: int = 0
     tokens_held: int = 0
     capacity_tokens: int = 0
     per_layer: tuple[dict[str, int], ...] = ()
@@ -98,6 +102,8 @@ class CacheStats:
             ("memory", _mib(self.memory_bytes)), ("live data", _mib(self.live_bytes)),
             ("memory efficiency", f"{self.memory_efficiency:.1%}"),
             ("blocks (spare)", f"{self.blocks:,} ({self.spare_blocks:,})"),
+            ("compressed blocks", f"{self.compressed_blocks:,} "
+                                  f"({_mib(self.compressed_bytes)})"),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,68 @@
+/* kv_tiers.h -- encoders and decoders of kvcache's compressed block tiers.
+ *
+ * A block holds keys then values, each [heads][tokens][dim] in the cache
+ * dtype (float16 bits when itemsize == 2, float32 when 4).  Every encoder
+ * reads one whole block and writes a payload the caller allocated with
+ * kv_payload_bytes(); every decoder writes a whole block back in the cache
+ * dtype.  The float32 formulas are the ones tests/quant_reference.py
+ * implements with numpy (bit-exact agreement is tested):
+ *
+ *   INT8: per token, groups of g8 channels, 255 levels.
+ *   INT4 (KIVI): keys per channel across the block's tokens, values per
+ *         token in groups of g4 channels, 15 levels, two codes per byte
+ *         (low nibble = even channel).
+ *   FP16: float32 block -> float16 (a float16 cache needs no FP16 tier).
+ *   For each group: zero = f16(min), scale = f16((max - min) / levels),
+ *   q = clip(rint((x - zero) / scale), 0, levels) (q = 0 when scale == 0),
+ *   x' = q * scale + zero, all in float32.
+ *
+ * Pure functions on caller-owned memory: no allocation, no globals besides
+ * the half->float table filled once by kv_tiers_init(); safe without the GIL.
+ */
+#ifndef KV_TIERS_H
+#define KV_TIERS_H
+
+#include <stdint.h>
+
+enum kv_tier {
+    KV_TIER_FULL = 0,      /* the cache dtype, uncompressed */
+    KV_TIER_FP16 = 1,
+    KV_TIER_INT8 = 2,
+    KV_TIER_INT4 = 3,
+    KV_TIER_LOSSLESS = 4   /* byte-shuffled then LZ4 (the codec runs in Python) */
+};
+
+typedef struct {
+    int64_t heads, tokens, dim;   /* one half of a block: [heads][tokens][dim] */
+    int64_t itemsize;             /* 2: float16 cache, 4: float32 cache */
+    int64_t g8, g4;               /* INT8 and INT4 value group sizes (channels) */
+} kv_shape;
+
+void kv_tiers_init(void);
+
+float kv_half_to_float(uint16_t h);
+uint16_t kv_float_to_half(float f);
+
+/* Payload size in bytes of a block encoded in `tier` (FP16/INT8/INT4;
+ * 0 for the others, whose size depends on the data). */
+int64_t kv_payload_bytes(int tier, const kv_shape *s);
+
+/* Decoders write only the halves named by `halves` (1: keys, 2: values,
+ * 3: both) and leave the other half of `block` untouched. */
+void kv_encode_fp16(const kv_shape *s, const void *block, uint8_t *out);
+void kv_decode_fp16(const kv_shape *s, const uint8_t *in, void *block, int halves);
+void kv_encode_int8(const kv_shape *s, const void *block, uint8_t *out);
+void kv_decode_int8(const kv_shape *s, const uint8_t *in, void *block, int halves);
+void kv_encode_int4(const kv_shape *s, const void *block, uint8_t *out);
+void kv_decode_int4(const kv_shape *s, const uint8_t *in, void *block, int halves);
+
+/* Byte (un)shuffle of n elements of `itemsize` bytes: plane b holds byte b
+ * of every element (what makes float exponents compressible). */
+void kv_shuffle(const uint8_t *in, uint8_t *out, int64_t n, int64_t itemsize);
+void kv_unshuffle(const uint8_t *in, uint8_t *out, int64_t n, int64_t itemsize);
+
+/* Relative Frobenius error of `approx` against `exact` (both whole blocks in
+ * the cache dtype), the larger of the keys' and the values'. */
+double kv_block_rel_error(const kv_shape *s, const void *exact, const void *approx);
+
+#endif /* KV_TIERS_H */

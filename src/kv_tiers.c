@@ -1,0 +1,499 @@
+/* kv_tiers.c -- scalar encoders/decoders of the compressed block tiers.
+ *
+ * Baseline-compiled (no ISA flags): the loops are simple enough for the
+ * compiler's auto-vectoriser at the baseline; per-ISA kernels come with the
+ * attention dispatch.  Built with -ffp-contract=off: a fused multiply-add
+ * would round q * scale + zero differently from the numpy reference.
+ */
+#include "kv_tiers.h"
+
+#include <math.h>
+#include <string.h>
+
+static float half_table[65536];   /* half bits -> float, filled once */
+static int half_table_ready = 0;
+
+/* numpy's npy_halfbits_to_floatbits, without the table. */
+static uint32_t half_bits_to_float_bits(uint16_t h)
+{
+    uint16_t h_exp = (uint16_t)(h & 0x7c00u), h_sig;
+    uint32_t f_sgn = ((uint32_t)h & 0x8000u) << 16, f_exp, f_sig;
+    switch (h_exp) {
+    case 0x0000u:                                   /* zero or subnormal */
+        h_sig = (uint16_t)(h & 0x03ffu);
+        if (h_sig == 0) {
+            return f_sgn;
+        }
+        h_sig <<= 1;
+        while ((h_sig & 0x0400u) == 0) {
+            h_sig <<= 1;
+            h_exp++;
+        }
+        f_exp = ((uint32_t)(127 - 15 - h_exp)) << 23;
+        f_sig = ((uint32_t)(h_sig & 0x03ffu)) << 13;
+        return f_sgn + f_exp + f_sig;
+    case 0x7c00u:                                   /* inf or NaN */
+        return f_sgn + 0x7f800000u + (((uint32_t)(h & 0x03ffu)) << 13);
+    default:                                        /* normalised */
+        return f_sgn + (((uint32_t)(h & 0x7fffu) + 0x1c000u) << 13);
+    }
+}
+
+void kv_tiers_init(void)
+{
+    uint32_t i, bits;
+    if (half_table_ready) {
+        return;
+    }
+    for (i = 0; i < 65536u; i++) {
+        bits = half_bits_to_float_bits((uint16_t)i);
+        memcpy(&half_table[i], &bits, 4);
+    }
+    half_table_ready = 1;
+}
+
+float kv_half_to_float(uint16_t h)
+{
+    return half_table[h];
+}
+
+/* float -> half bits, rounding to nearest even: the same bits as numpy's
+ * x.astype(np.float16) for every input (NaNs keep numpy's payload rule).
+ * Normal results take the add-and-shift path; subnormal results let the FPU
+ * do the rounding by adding 0.5f (after which the half's bits sit at the
+ * bottom of the float's significand). */
+uint16_t kv_float_to_half(float fl)
+{
+    const uint32_t denorm_magic = 126u << 23;       /* 0.5f */
+    uint32_t x, sign, mant_odd;
+    uint16_t o;
+    float f;
+    memcpy(&x, &fl, 4);
+    sign = x & 0x80000000u;
+    x ^= sign;
+    if (x >= 0x47800000u) {                         /* overflow, inf or NaN */
+        if (x > 0x7f800000u) {
+            o = (uint16_t)(0x7c00u + ((x & 0x007fffffu) >> 13));
+            if (o == 0x7c00u) {
+                o++;                                /* keep it a NaN */
+            }
+        } else {
+            o = 0x7c00u;
+        }
+    } else if (x < 0x38800000u) {                   /* subnormal half or zero */
+        memcpy(&f, &x, 4);
+        f += 0.5f;
+        memcpy(&x, &f, 4);
+        o = (uint16_t)(x - denorm_magic);
+    } else {
+        mant_odd = (x >> 13) & 1u;
+        x += ((uint32_t)(15 - 127) << 23) + 0xfffu + mant_odd;
+        o = (uint16_t)(x >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+/* The same conversion without branches (every path computed, one selected),
+ * so the compiler vectorises a loop of it at the baseline ISA. */
+static inline uint16_t float_bits_to_half_select(uint32_t x)
+{
+    uint32_t sign = x & 0x80000000u, nan, sub, o;
+    float f;
+    x ^= sign;
+    o = (x + 0xc8000fffu + ((x >> 13) & 1u)) >> 13;          /* normal */
+    memcpy(&f, &x, 4);
+    f += 0.5f;
+    memcpy(&sub, &f, 4);
+    sub -= 126u << 23;                                        /* subnormal */
+    nan = 0x7c00u + ((x & 0x007fffffu) >> 13);
+    nan += (nan == 0x7c00u);
+    o = x < 0x38800000u ? sub : o;
+    o = x >= 0x47800000u ? (x > 0x7f800000u ? nan : 0x7c00u) : o;
+    return (uint16_t)(o | (sign >> 16));
+}
+
+static void floats_to_halves(const float *in, uint16_t *out, int64_t n)
+{
+    int64_t i;
+    uint32_t x;
+    for (i = 0; i < n; i++) {
+        memcpy(&x, &in[i], 4);
+        out[i] = float_bits_to_half_select(x);
+    }
+}
+
+/* Write n floats to `dst` (element offset off) in the cache dtype. */
+static void store_row(void *dst, int64_t off, int64_t itemsize, const float *row, int64_t n)
+{
+    if (itemsize == 2) {
+        floats_to_halves(row, (uint16_t *)dst + off, n);
+    } else {
+        memcpy((float *)dst + off, row, (size_t)n * 4);
+    }
+}
+
+/* half -> float without branches or the table (same bits as the table):
+ * vectorises, where table lookups into 256 KiB would miss L1. */
+static inline float half_to_float_select(uint16_t h)
+{
+    const uint32_t shifted_exp = 0x7c00u << 13;
+    const float magic = 6.103515625e-05f;           /* 2**-14: 113 << 23 */
+    uint32_t o = ((uint32_t)h & 0x7fffu) << 13, exp = o & shifted_exp, sub, is_special, is_small;
+    float f;
+    o += (uint32_t)(127 - 15) << 23;
+    sub = o + (1u << 23);
+    memcpy(&f, &sub, 4);
+    f -= magic;                                     /* zero or subnormal */
+    memcpy(&sub, &f, 4);
+    /* Masks rather than ?: so the compiler if-converts and vectorises. */
+    is_special = 0u - (uint32_t)(exp == shifted_exp);                /* inf, NaN */
+    is_small = 0u - (uint32_t)(exp == 0);                            /* 0, subnormal */
+    o += is_special & ((uint32_t)(128 - 16) << 23);
+    o = (o & ~is_small) | (sub & is_small);
+    o |= ((uint32_t)h & 0x8000u) << 16;
+    memcpy(&f, &o, 4);
+    return f;
+}
+
+/* Read n elements of `src` from element offset off as floats. */
+static void load_row(const void *src, int64_t off, int64_t itemsize, float *row, int64_t n)
+{
+    int64_t i;
+    const uint16_t *h = (const uint16_t *)src + off;
+    if (itemsize == 2) {
+        for (i = 0; i < n; i++) {
+            row[i] = half_to_float_select(h[i]);
+        }
+    } else {
+        memcpy(row, (const float *)src + off, (size_t)n * 4);
+    }
+}
+
+/* Rows are processed in pieces of this many elements (stack buffers). */
+#define ROW 256
+
+static inline float load(const void *p, int64_t i, int64_t itemsize)
+{
+    if (itemsize == 2) {
+        return half_table[((const uint16_t *)p)[i]];
+    }
+    return ((const float *)p)[i];
+}
+
+/* rint for |v| < 2**22 in the default rounding mode (ties to even), without
+ * a libm call; larger values only matter through the clip, which they pass. */
+static inline float rint_small(float v)
+{
+    const float magic = 12582912.0f;    /* 1.5 * 2**23 */
+    return (v + magic) - magic;
+}
+
+/* codes of n floats for one scale/zero: clip(rint((x - z) / s), 0, levels).
+ * Branch-free so it vectorises; NaN lands on 0 (casting NaN is UB). */
+static void quant_row(const float *x, int64_t n, float s, float z, float levels, uint8_t *q)
+{
+    int64_t i;
+    float v;
+    if (s == 0.0f) {
+        memset(q, 0, (size_t)n);
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        v = rint_small((x[i] - z) / s);
+        v = v >= 0.0f ? v : 0.0f;
+        v = v > levels ? levels : v;
+        q[i] = (uint8_t)(int32_t)v;
+    }
+}
+
+static void set_range(float lo, float hi, float levels, uint16_t *scale, uint16_t *zero)
+{
+    *zero = kv_float_to_half(lo);
+    *scale = kv_float_to_half((hi - lo) / levels);
+}
+
+/* Scale and zero of the contiguous group src[off .. off + n). */
+static void group_range(const void *src, int64_t itemsize, int64_t off, int64_t n,
+                        float levels, uint16_t *scale, uint16_t *zero)
+{
+    float row[ROW], lo = INFINITY, hi = -INFINITY;
+    int64_t i, c, m;
+    for (c = 0; c < n; c += ROW) {
+        m = n - c < ROW ? n - c : ROW;
+        load_row(src, off + c, itemsize, row, m);
+        for (i = 0; i < m; i++) {
+            lo = row[i] < lo ? row[i] : lo;
+            hi = row[i] > hi ? row[i] : hi;
+        }
+    }
+    set_range(lo, hi, levels, scale, zero);
+}
+
+/* Codes of the contiguous group src[off .. off + n) into q[0 .. n). */
+static void group_codes(const void *src, int64_t itemsize, int64_t off, int64_t n,
+                        uint16_t scale, uint16_t zero, float levels, uint8_t *q)
+{
+    float row[ROW];
+    int64_t c, m;
+    for (c = 0; c < n; c += ROW) {
+        m = n - c < ROW ? n - c : ROW;
+        load_row(src, off + c, itemsize, row, m);
+        quant_row(row, m, half_table[scale], half_table[zero], levels, q + c);
+    }
+}
+
+int64_t kv_payload_bytes(int tier, const kv_shape *s)
+{
+    int64_t n = s->heads * s->tokens * s->dim;      /* elements in one half */
+    switch (tier) {
+    case KV_TIER_FP16:
+        return 2 * n * 2;
+    case KV_TIER_INT8:
+        return 2 * n + 2 * (2 * (n / s->g8)) * 2;
+    case KV_TIER_INT4:
+        return n / 2 + 2 * s->heads * s->dim * 2 + n / 2 + 2 * (n / s->g4) * 2;
+    default:
+        return 0;
+    }
+}
+
+void kv_encode_fp16(const kv_shape *s, const void *block, uint8_t *out)
+{
+    floats_to_halves((const float *)block, (uint16_t *)out, 2 * s->heads * s->tokens * s->dim);
+}
+
+void kv_decode_fp16(const kv_shape *s, const uint8_t *in, void *block, int halves)
+{
+    int64_t n = s->heads * s->tokens * s->dim, half, i;
+    const uint16_t *h = (const uint16_t *)in;
+    float *f = (float *)block;                      /* FP16 is for float32 caches */
+    for (half = 0; half < 2; half++) {
+        if (halves & (1 << half)) {
+            for (i = half * n; i < (half + 1) * n; i++) {
+                f[i] = half_to_float_select(h[i]);
+            }
+        }
+    }
+}
+
+/* INT8 payload: codes [2][H][T][D] u8 | scales [2][H][T][D/g8] f16 | zeros (same). */
+void kv_encode_int8(const kv_shape *s, const void *block, uint8_t *out)
+{
+    int64_t n = 2 * s->heads * s->tokens * s->dim, ng = n / s->g8, g;
+    uint16_t *scales = (uint16_t *)(out + n);
+    uint16_t *zeros = scales + ng;
+    for (g = 0; g < ng; g++) {
+        group_range(block, s->itemsize, g * s->g8, s->g8, 255.0f, &scales[g], &zeros[g]);
+        group_codes(block, s->itemsize, g * s->g8, s->g8, scales[g], zeros[g], 255.0f,
+                    out + g * s->g8);
+    }
+}
+
+void kv_decode_int8(const kv_shape *s, const uint8_t *in, void *block, int halves)
+{
+    int64_t n = s->heads * s->tokens * s->dim, ng = n / s->g8, half, g, c, m, i, e;
+    const uint16_t *scales = (const uint16_t *)(in + 2 * n);
+    const uint16_t *zeros = scales + 2 * ng;
+    float row[ROW], sc, z;
+    for (half = 0; half < 2; half++) {
+        if (!(halves & (1 << half))) {
+            continue;
+        }
+        for (g = half * ng; g < (half + 1) * ng; g++) {
+            sc = half_table[scales[g]];
+            z = half_table[zeros[g]];
+            for (c = 0; c < s->g8; c += ROW) {
+                m = s->g8 - c < ROW ? s->g8 - c : ROW;
+                e = g * s->g8 + c;
+                for (i = 0; i < m; i++) {
+                    row[i] = (float)in[e + i] * sc + z;
+                }
+                store_row(block, e, s->itemsize, row, m);
+            }
+        }
+    }
+}
+
+/* INT4 payload: K codes [H][T][D/2] | K scales [H][D] | K zeros [H][D] |
+ *               V codes [H][T][D/2] | V scales [H][T][D/g4] | V zeros.
+ * Element e of a half (flat [H][T][D] index) has its code in the low nibble
+ * of byte e / 2 when e is even, the high nibble when odd. */
+typedef struct {
+    uint8_t *kcodes, *vcodes;
+    uint16_t *kscale, *kzero, *vscale, *vzero;
+} int4_layout;
+
+static int4_layout int4_parts(const kv_shape *s, uint8_t *p)
+{
+    int64_t n = s->heads * s->tokens * s->dim;
+    int4_layout l;
+    l.kcodes = p;
+    l.kscale = (uint16_t *)(p + n / 2);
+    l.kzero = l.kscale + s->heads * s->dim;
+    l.vcodes = (uint8_t *)(l.kzero + s->heads * s->dim);
+    l.vscale = (uint16_t *)(l.vcodes + n / 2);
+    l.vzero = l.vscale + n / s->g4;
+    return l;
+}
+
+static void put_nibbles(uint8_t *codes, int64_t e, const uint8_t *q, int64_t n)
+{
+    int64_t i;
+    if (!(e & 1) && !(n & 1)) {          /* whole bytes: the usual case */
+        for (i = 0; i < n / 2; i++) {
+            codes[(e >> 1) + i] = (uint8_t)(q[2 * i] | (q[2 * i + 1] << 4));
+        }
+        return;
+    }
+    for (i = 0; i < n; i++, e++) {
+        if (e & 1) {
+            codes[e >> 1] = (uint8_t)(codes[e >> 1] | (q[i] << 4));
+        } else {
+            codes[e >> 1] = q[i];        /* the even element comes first */
+        }
+    }
+}
+
+static inline float get_nibble(const uint8_t *codes, int64_t e)
+{
+    return (float)((codes[e >> 1] >> ((e & 1) * 4)) & 15);
+}
+
+void kv_encode_int4(const kv_shape *s, const void *block, uint8_t *out)
+{
+    int64_t H = s->heads, T = s->tokens, D = s->dim, n = H * T * D;
+    int64_t h, t, d0, d, m, g, c, e;
+    const char *values = (const char *)block + n * s->itemsize;
+    int4_layout l = int4_parts(s, out);
+    float row[ROW], lo[ROW], hi[ROW], sc[ROW], z[ROW], v;
+    uint8_t q[ROW];
+    /* Keys: per channel across the block's tokens (outlier channels get a
+     * range of their own), ROW channels at a time. */
+    for (h = 0; h < H; h++) {
+        for (d0 = 0; d0 < D; d0 += ROW) {
+            m = D - d0 < ROW ? D - d0 : ROW;
+            for (d = 0; d < m; d++) {
+                lo[d] = INFINITY;
+                hi[d] = -INFINITY;
+            }
+            for (t = 0; t < T; t++) {
+                load_row(block, (h * T + t) * D + d0, s->itemsize, row, m);
+                for (d = 0; d < m; d++) {
+                    lo[d] = row[d] < lo[d] ? row[d] : lo[d];
+                    hi[d] = row[d] > hi[d] ? row[d] : hi[d];
+                }
+            }
+            for (d = 0; d < m; d++) {
+                c = h * D + d0 + d;
+                set_range(lo[d], hi[d], 15.0f, &l.kscale[c], &l.kzero[c]);
+                sc[d] = half_table[l.kscale[c]];
+                z[d] = half_table[l.kzero[c]];
+            }
+            for (t = 0; t < T; t++) {
+                e = (h * T + t) * D + d0;
+                load_row(block, e, s->itemsize, row, m);
+                for (d = 0; d < m; d++) {
+                    v = sc[d] == 0.0f ? 0.0f : rint_small((row[d] - z[d]) / sc[d]);
+                    v = v >= 0.0f ? v : 0.0f;
+                    v = v > 15.0f ? 15.0f : v;
+                    q[d] = (uint8_t)(int32_t)v;
+                }
+                put_nibbles(l.kcodes, e, q, m);
+            }
+        }
+    }
+    /* Values: per token, groups of g4 channels. */
+    for (g = 0; g < n / s->g4; g++) {
+        group_range(values, s->itemsize, g * s->g4, s->g4, 15.0f, &l.vscale[g], &l.vzero[g]);
+        for (c = 0; c < s->g4; c += ROW) {
+            m = s->g4 - c < ROW ? s->g4 - c : ROW;
+            load_row(values, g * s->g4 + c, s->itemsize, row, m);
+            quant_row(row, m, half_table[l.vscale[g]], half_table[l.vzero[g]], 15.0f, q);
+            put_nibbles(l.vcodes, g * s->g4 + c, q, m);
+        }
+    }
+}
+
+void kv_decode_int4(const kv_shape *s, const uint8_t *in, void *block, int halves)
+{
+    int64_t H = s->heads, T = s->tokens, D = s->dim, n = H * T * D;
+    int64_t h, t, d0, d, m, g, c, e;
+    char *values = (char *)block + n * s->itemsize;
+    int4_layout l = int4_parts(s, (uint8_t *)in);
+    const uint16_t *ks, *kz;
+    float row[ROW], sc, z;
+    if (halves & 1) {
+        for (h = 0; h < H; h++) {
+            ks = l.kscale + h * D;
+            kz = l.kzero + h * D;
+            for (t = 0; t < T; t++) {
+                for (d0 = 0; d0 < D; d0 += ROW) {
+                    m = D - d0 < ROW ? D - d0 : ROW;
+                    e = (h * T + t) * D + d0;
+                    for (d = 0; d < m; d++) {
+                        row[d] = get_nibble(l.kcodes, e + d) * half_table[ks[d0 + d]]
+                                 + half_table[kz[d0 + d]];
+                    }
+                    store_row(block, e, s->itemsize, row, m);
+                }
+            }
+        }
+    }
+    if (halves & 2) {
+        for (g = 0; g < n / s->g4; g++) {
+            sc = half_table[l.vscale[g]];
+            z = half_table[l.vzero[g]];
+            for (c = 0; c < s->g4; c += ROW) {
+                m = s->g4 - c < ROW ? s->g4 - c : ROW;
+                e = g * s->g4 + c;
+                for (d = 0; d < m; d++) {
+                    row[d] = get_nibble(l.vcodes, e + d) * sc + z;
+                }
+                store_row(values, e, s->itemsize, row, m);
+            }
+        }
+    }
+}
+
+void kv_shuffle(const uint8_t *in, uint8_t *out, int64_t n, int64_t itemsize)
+{
+    int64_t i, b;
+    for (b = 0; b < itemsize; b++) {
+        for (i = 0; i < n; i++) {
+            out[b * n + i] = in[i * itemsize + b];
+        }
+    }
+}
+
+void kv_unshuffle(const uint8_t *in, uint8_t *out, int64_t n, int64_t itemsize)
+{
+    int64_t i, b;
+    for (b = 0; b < itemsize; b++) {
+        for (i = 0; i < n; i++) {
+            out[i * itemsize + b] = in[b * n + i];
+        }
+    }
+}
+
+double kv_block_rel_error(const kv_shape *s, const void *exact, const void *approx)
+{
+    int64_t n = s->heads * s->tokens * s->dim, half, i;
+    double worst = 0.0, num, den, x, dx, rel;
+    for (half = 0; half < 2; half++) {
+        num = den = 0.0;
+        for (i = half * n; i < (half + 1) * n; i++) {
+            x = load(exact, i, s->itemsize);
+            dx = load(approx, i, s->itemsize) - x;
+            num += dx * dx;
+            den += x * x;
+        }
+        if (num != num || den != den) {
+            return NAN;                  /* NaN or inf in the block: never "within budget" */
+        }
+        rel = den > 0.0 ? sqrt(num / den) : (num > 0.0 ? INFINITY : 0.0);
+        if (!(rel <= worst)) {           /* NaN counts as the worst */
+            worst = rel;
+        }
+    }
+    return worst;
+}
