@@ -32,6 +32,10 @@ enum kv_tier {
     KV_TIER_LOSSLESS = 4   /* byte-shuffled then LZ4 (the codec runs in Python) */
 };
 
+/* Largest INT4 value group (channels): one group is quantized in one pass
+ * over a stack buffer of this many floats. */
+#define KV_MAX_G4 256
+
 typedef struct {
     int64_t heads, tokens, dim;   /* one half of a block: [heads][tokens][dim] */
     int64_t itemsize;             /* 2: float16 cache, 4: float32 cache */

@@ -31,7 +31,7 @@ ctypedef struct kv_block:
     int32_t next       # next id in the spare or unused list; -1 ends it
     int32_t tier       # enum kv_tier
     int32_t flags      # KV_FLAG_*
-    int32_t exact_rows # leading slots kept verbatim after a quantized payload
+    int32_t exact_rows  # leading slots kept verbatim after a quantized payload
 
 
 cdef extern from "kv_tiers.h":

@@ -140,7 +140,7 @@ cdef class KVStore:
         if self.bdir != NULL:
             for i in range(self.nblocks):
                 PyMem_RawFree(_blk(self, i).raw)     # NULL when compressed or unused
-                PyMem_RawFree(_blk(self, i).payload) # NULL unless compressed
+                PyMem_RawFree(_blk(self, i).payload)  # NULL unless compressed
             for i in range(self.nchunks):
                 PyMem_RawFree(self.bdir[i])
             PyMem_RawFree(self.bdir)
@@ -242,8 +242,8 @@ cdef class KVStore:
         else:
             self.nblocks += 1
         _blk(self, bid).raw = raw
-        _blk(self, bid).data = <char *>((<uintptr_t>raw + KV_ALIGN - 1)
-                                         & ~(<uintptr_t>KV_ALIGN - 1))
+        _blk(self, bid).data = <char *>(
+            (<uintptr_t>raw + KV_ALIGN - 1) & ~(<uintptr_t>KV_ALIGN - 1))
         _blk(self, bid).refcount = 1
         _blk(self, bid).next = -1
         _blk(self, bid).payload = NULL

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
 import operator
+import time
 
 import numpy as np
-
-import datetime
-import math
-import time
 
 from ._core import KVStore
 from .compression import CompressionStats, CompressionStrategy
@@ -87,8 +86,8 @@ class KVCache(KVStore):
     residual_tokens:
         The most recent positions of each layer stay at full precision (128).
     group_size, int8_group_size:
-        Channels per quantization group of INT4 values (32) and of INT8
-        (64, capped at ``head_dim``); both must divide ``head_dim``.
+        Channels per quantization group of INT4 values (32, at most 256) and
+        of INT8 (64); both are capped at ``head_dim`` and must divide it.
     keep_first:
         The first positions stay at full precision (attention sinks hold a
         large share of attention): default ``sink_tokens``, or 4 without sinks.
@@ -125,7 +124,7 @@ class KVCache(KVStore):
                  block_size: int | None = None, sink_tokens: int = 0,
                  overflow: str = "ring", metrics: bool = True, compression=None,
                  residual_tokens: int = 128, group_size: int = 32,
-                 int8_group_size: Optional[int] = None, keep_first: Optional[int] = None,
+                 int8_group_size: int | None = None, keep_first: int | None = None,
                  error_budget: float = 0.10, auto_compress: bool = False,
                  clock=None) -> None:
         num_layers = _positive_int("num_layers", num_layers, maximum=1 << 20)
@@ -153,7 +152,7 @@ class KVCache(KVStore):
         keep_first = _positive_int("keep_first", (sink_tokens or 4) if keep_first is None
                                    else keep_first, minimum=0)
         # Group sizes are capped at head_dim (a group never spans two tokens).
-        g4 = min(_positive_int("group_size", group_size, maximum=1 << 16), head_dim)
+        g4 = min(_positive_int("group_size", group_size, maximum=256), head_dim)
         g8 = min(_positive_int("int8_group_size", 64 if int8_group_size is None
                                else int8_group_size, maximum=1 << 16), head_dim)
         for label, g in (("group_size", g4), ("int8_group_size", g8)):

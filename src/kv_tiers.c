@@ -1,9 +1,11 @@
 /* kv_tiers.c -- scalar encoders/decoders of the compressed block tiers.
  *
- * Baseline-compiled (no ISA flags): the loops are simple enough for the
- * compiler's auto-vectoriser at the baseline; per-ISA kernels come with the
- * attention dispatch.  Built with -ffp-contract=off: a fused multiply-add
- * would round q * scale + zero differently from the numpy reference.
+ * Baseline-compiled (no ISA flags): the loops are written branch-free so the
+ * compiler's auto-vectoriser handles them at the baseline; per-ISA kernels
+ * come with the attention dispatch.  Built with -ffp-contract=off (a fused
+ * multiply-add would round q * scale + zero differently from the numpy
+ * reference) and -fno-trapping-math (lets a division whose result a select
+ * discards run unconditionally; no value changes).
  */
 #include "kv_tiers.h"
 
@@ -156,7 +158,8 @@ static inline float half_to_float_select(uint16_t h)
 }
 
 /* Read n elements of `src` from element offset off as floats. */
-static void load_row(const void *src, int64_t off, int64_t itemsize, float *row, int64_t n)
+static inline void load_row(const void *src, int64_t off, int64_t itemsize, float *row,
+                            int64_t n)
 {
     int64_t i;
     const uint16_t *h = (const uint16_t *)src + off;
@@ -170,7 +173,7 @@ static void load_row(const void *src, int64_t off, int64_t itemsize, float *row,
 }
 
 /* Rows are processed in pieces of this many elements (stack buffers). */
-#define ROW 256
+#define ROW KV_MAX_G4
 
 static inline float load(const void *p, int64_t i, int64_t itemsize)
 {
@@ -212,33 +215,59 @@ static void set_range(float lo, float hi, float levels, uint16_t *scale, uint16_
     *scale = kv_float_to_half((hi - lo) / levels);
 }
 
-/* Scale and zero of the contiguous group src[off .. off + n). */
-static void group_range(const void *src, int64_t itemsize, int64_t off, int64_t n,
-                        float levels, uint16_t *scale, uint16_t *zero)
+/* Minimum and maximum of n floats.  LANES independent accumulators: one
+ * float min chain is not vectorised without -ffast-math, independent lanes
+ * are (x < m ? x : m is exactly minps), and the result does not depend on
+ * the order. */
+#define LANES 8
+static inline void range_of(const float *row, int64_t n, float *mn, float *mx)
 {
-    float row[ROW], lo = INFINITY, hi = -INFINITY;
-    int64_t i, c, m;
-    for (c = 0; c < n; c += ROW) {
-        m = n - c < ROW ? n - c : ROW;
-        load_row(src, off + c, itemsize, row, m);
-        for (i = 0; i < m; i++) {
-            lo = row[i] < lo ? row[i] : lo;
-            hi = row[i] > hi ? row[i] : hi;
+    float lo[LANES], hi[LANES];
+    int64_t i, k;
+    for (k = 0; k < LANES; k++) {
+        lo[k] = *mn;
+        hi[k] = *mx;
+    }
+    for (i = 0; i + LANES <= n; i += LANES) {
+        for (k = 0; k < LANES; k++) {
+            lo[k] = row[i + k] < lo[k] ? row[i + k] : lo[k];
+            hi[k] = row[i + k] > hi[k] ? row[i + k] : hi[k];
         }
     }
-    set_range(lo, hi, levels, scale, zero);
+    for (; i < n; i++) {
+        lo[0] = row[i] < lo[0] ? row[i] : lo[0];
+        hi[0] = row[i] > hi[0] ? row[i] : hi[0];
+    }
+    for (k = 0; k < LANES; k++) {
+        *mn = lo[k] < *mn ? lo[k] : *mn;
+        *mx = hi[k] > *mx ? hi[k] : *mx;
+    }
 }
 
-/* Codes of the contiguous group src[off .. off + n) into q[0 .. n). */
-static void group_codes(const void *src, int64_t itemsize, int64_t off, int64_t n,
-                        uint16_t scale, uint16_t zero, float levels, uint8_t *q)
+/* Quantize the contiguous group src[off .. off + n): its scale and zero, and
+ * its codes into q[0 .. n).  A group that fits a row is read once. */
+static void encode_group(const void *src, int64_t itemsize, int64_t off, int64_t n,
+                         float levels, uint16_t *scale, uint16_t *zero, uint8_t *q)
 {
-    float row[ROW];
+    float row[ROW], mn = INFINITY, mx = -INFINITY;
     int64_t c, m;
+    if (n <= ROW) {
+        load_row(src, off, itemsize, row, n);
+        range_of(row, n, &mn, &mx);
+        set_range(mn, mx, levels, scale, zero);
+        quant_row(row, n, half_table[*scale], half_table[*zero], levels, q);
+        return;
+    }
     for (c = 0; c < n; c += ROW) {
         m = n - c < ROW ? n - c : ROW;
         load_row(src, off + c, itemsize, row, m);
-        quant_row(row, m, half_table[scale], half_table[zero], levels, q + c);
+        range_of(row, m, &mn, &mx);
+    }
+    set_range(mn, mx, levels, scale, zero);
+    for (c = 0; c < n; c += ROW) {
+        m = n - c < ROW ? n - c : ROW;
+        load_row(src, off + c, itemsize, row, m);
+        quant_row(row, m, half_table[*scale], half_table[*zero], levels, q + c);
     }
 }
 
@@ -283,9 +312,8 @@ void kv_encode_int8(const kv_shape *s, const void *block, uint8_t *out)
     uint16_t *scales = (uint16_t *)(out + n);
     uint16_t *zeros = scales + ng;
     for (g = 0; g < ng; g++) {
-        group_range(block, s->itemsize, g * s->g8, s->g8, 255.0f, &scales[g], &zeros[g]);
-        group_codes(block, s->itemsize, g * s->g8, s->g8, scales[g], zeros[g], 255.0f,
-                    out + g * s->g8);
+        encode_group(block, s->itemsize, g * s->g8, s->g8, 255.0f, &scales[g], &zeros[g],
+                     out + g * s->g8);
     }
 }
 
@@ -393,46 +421,62 @@ void kv_encode_int4(const kv_shape *s, const void *block, uint8_t *out)
                 e = (h * T + t) * D + d0;
                 load_row(block, e, s->itemsize, row, m);
                 for (d = 0; d < m; d++) {
-                    v = sc[d] == 0.0f ? 0.0f : rint_small((row[d] - z[d]) / sc[d]);
-                    v = v >= 0.0f ? v : 0.0f;
+                    /* Division first, select after: branch-free, so it
+                     * vectorises (a 0/0 here is discarded by the select). */
+                    v = rint_small((row[d] - z[d]) / sc[d]);
+                    v = v >= 0.0f ? v : 0.0f;       /* also maps NaN to 0 */
                     v = v > 15.0f ? 15.0f : v;
+                    v = sc[d] == 0.0f ? 0.0f : v;
                     q[d] = (uint8_t)(int32_t)v;
                 }
                 put_nibbles(l.kcodes, e, q, m);
             }
         }
     }
-    /* Values: per token, groups of g4 channels. */
+    /* Values: per token, groups of g4 <= KV_MAX_G4 channels. */
     for (g = 0; g < n / s->g4; g++) {
-        group_range(values, s->itemsize, g * s->g4, s->g4, 15.0f, &l.vscale[g], &l.vzero[g]);
-        for (c = 0; c < s->g4; c += ROW) {
-            m = s->g4 - c < ROW ? s->g4 - c : ROW;
-            load_row(values, g * s->g4 + c, s->itemsize, row, m);
-            quant_row(row, m, half_table[l.vscale[g]], half_table[l.vzero[g]], 15.0f, q);
-            put_nibbles(l.vcodes, g * s->g4 + c, q, m);
-        }
+        encode_group(values, s->itemsize, g * s->g4, s->g4, 15.0f, &l.vscale[g], &l.vzero[g], q);
+        put_nibbles(l.vcodes, g * s->g4, q, s->g4);
+    }
+}
+
+/* n codes from nibble element e (even) on, each times its scale plus its
+ * zero (per-element arrays, or one value each when step is 0). */
+static inline void dequant_pairs(const uint8_t *codes, int64_t e, int64_t n, const float *sc,
+                                 const float *z, int64_t step, float *row)
+{
+    int64_t i;
+    uint8_t b;
+    for (i = 0; i < n / 2; i++) {
+        b = codes[(e >> 1) + i];
+        row[2 * i] = (float)(b & 15) * sc[2 * i * step] + z[2 * i * step];
+        row[2 * i + 1] = (float)(b >> 4) * sc[(2 * i + 1) * step] + z[(2 * i + 1) * step];
     }
 }
 
 void kv_decode_int4(const kv_shape *s, const uint8_t *in, void *block, int halves)
 {
     int64_t H = s->heads, T = s->tokens, D = s->dim, n = H * T * D;
-    int64_t h, t, d0, d, m, g, c, e;
+    int64_t h, t, d0, d, m, g, e;
     char *values = (char *)block + n * s->itemsize;
     int4_layout l = int4_parts(s, (uint8_t *)in);
-    const uint16_t *ks, *kz;
-    float row[ROW], sc, z;
+    float row[ROW], ks[ROW], kz[ROW], sc, z;
     if (halves & 1) {
         for (h = 0; h < H; h++) {
-            ks = l.kscale + h * D;
-            kz = l.kzero + h * D;
-            for (t = 0; t < T; t++) {
-                for (d0 = 0; d0 < D; d0 += ROW) {
-                    m = D - d0 < ROW ? D - d0 : ROW;
+            for (d0 = 0; d0 < D; d0 += ROW) {
+                m = D - d0 < ROW ? D - d0 : ROW;
+                for (d = 0; d < m; d++) {        /* this head's channel ranges */
+                    ks[d] = half_table[l.kscale[h * D + d0 + d]];
+                    kz[d] = half_table[l.kzero[h * D + d0 + d]];
+                }
+                for (t = 0; t < T; t++) {
                     e = (h * T + t) * D + d0;
-                    for (d = 0; d < m; d++) {
-                        row[d] = get_nibble(l.kcodes, e + d) * half_table[ks[d0 + d]]
-                                 + half_table[kz[d0 + d]];
+                    if (!(e & 1) && !(m & 1)) {
+                        dequant_pairs(l.kcodes, e, m, ks, kz, 1, row);
+                    } else {
+                        for (d = 0; d < m; d++) {
+                            row[d] = get_nibble(l.kcodes, e + d) * ks[d] + kz[d];
+                        }
                     }
                     store_row(block, e, s->itemsize, row, m);
                 }
@@ -443,14 +487,15 @@ void kv_decode_int4(const kv_shape *s, const uint8_t *in, void *block, int halve
         for (g = 0; g < n / s->g4; g++) {
             sc = half_table[l.vscale[g]];
             z = half_table[l.vzero[g]];
-            for (c = 0; c < s->g4; c += ROW) {
-                m = s->g4 - c < ROW ? s->g4 - c : ROW;
-                e = g * s->g4 + c;
-                for (d = 0; d < m; d++) {
+            e = g * s->g4;
+            if (!(e & 1) && !(s->g4 & 1)) {
+                dequant_pairs(l.vcodes, e, s->g4, &sc, &z, 0, row);
+            } else {
+                for (d = 0; d < s->g4; d++) {
                     row[d] = get_nibble(l.vcodes, e + d) * sc + z;
                 }
-                store_row(values, e, s->itemsize, row, m);
             }
+            store_row(values, e, s->itemsize, row, s->g4);
         }
     }
 }
