@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvcache import CompressionStrategy, KVCache
+from kvcache import KVCache
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_kv_prose.npz"
 LAYERS = (0, 1, 8, 15, 22, 29)
