@@ -45,6 +45,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--sinks", type=int, default=0, help="attention-sink tokens kept by the ring")
     p.add_argument("--growth", choices=("none", "exponential", "linear", "adaptive"),
                    default="none", help="grow capacity instead of evicting")
+    p.add_argument("--compression", default="none",
+                   choices=("none", "fp16", "int8", "int4", "lossless", "adaptive"),
+                   help="compress blocks automatically as they leave the residual window")
+    p.add_argument("--residual", type=int, default=128,
+                   help="recent tokens kept at full precision when compressing (128)")
     p.add_argument("--read-every", type=int, default=64,
                    help="read every layer's K and V back every N tokens (0: never)")
     p.add_argument("--seed", type=int, default=0)
@@ -61,8 +66,11 @@ def run(args: argparse.Namespace, out=sys.stdout) -> KVCache:
         window = max(args.prompt, 64)       # start small and let growth do the rest
     else:
         window = total
+    compress = args.compression != "none"
     cache = KVCache(args.layers, args.heads, args.head_dim, max_seq_len=window,
-                    batch_size=args.batch, dtype=args.dtype, sink_tokens=args.sinks)
+                    batch_size=args.batch, dtype=args.dtype, sink_tokens=args.sinks,
+                    compression=args.compression if compress else None,
+                    residual_tokens=args.residual, auto_compress=compress)
     if args.growth != "none":
         strategy = {"exponential": GrowthStrategy.exponential(1.5),
                     "linear": GrowthStrategy.linear(1024),
