@@ -694,6 +694,8 @@ cdef class KVStore:
                     _scatter_kv(self, L, ka, va, start, a0, b0, a1, b1)
             else:
                 _scatter_kv(self, L, ka, va, start, a0, b0, a1, b1)
+        if start < n_t:
+            self._touch(L, start, n_t)        # rewritten in place: young again
         if old_table != NULL:
             PyMem_RawFree(old_table)
             self._growth_done(layer_idx, old_cap, cap, grow_seconds)
@@ -707,6 +709,22 @@ cdef class KVStore:
 
     def _auto_compress(self, Py_ssize_t layer_idx):
         """Automatic-compression hook (KVCache overrides it)."""
+
+    cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b) except *:
+        """Blocks holding positions [a, b) were rewritten in place: their age
+        restarts and a LOSSLESS "incompressible" verdict no longer holds."""
+        cdef int64_t p, c, j, off, r, end
+        cdef double now = self.clock()
+        cdef kv_block *blk
+        for r in range(self.batch):
+            p = a
+            while p < b:
+                end = b if p >= self.sinks or b <= self.sinks else self.sinks
+                c = self._run(L, p, end, &j, &off)
+                blk = _blk(self, L.table[r * L.nblk + j])
+                blk.born = now
+                blk.flags &= ~KV_FLAG_INCOMPRESSIBLE
+                p += c
 
     def _grown_capacity(self, Py_ssize_t layer_idx, int64_t cap, int64_t needed):
         """Growth policy hook (KVCache overrides it): the new capacity."""

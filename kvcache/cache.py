@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import numbers
 import operator
 import time
 
@@ -258,7 +259,9 @@ class KVCache(KVStore):
         """
         if isinstance(age_threshold, datetime.timedelta):
             age_threshold = age_threshold.total_seconds()
-        if not isinstance(age_threshold, (int, float)) or not age_threshold >= 0:
+        if isinstance(age_threshold, numbers.Real) and not isinstance(age_threshold, bool):
+            age_threshold = float(age_threshold)        # numpy scalars too
+        if not isinstance(age_threshold, float) or not age_threshold >= 0:
             raise ValueError(f"age_threshold must be seconds >= 0 or a timedelta, "
                              f"got {age_threshold!r}")
         tier = self.compression if strategy is None else CompressionStrategy.coerce(strategy)
