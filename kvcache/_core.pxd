@@ -62,6 +62,8 @@ cdef enum:
     # LOSSLESS was tried and did not shrink the block: it stays full precision
     # and is not tried again.
     KV_FLAG_INCOMPRESSIBLE = 1
+    # Being encoded without the GIL (pinned by an extra reference).
+    KV_FLAG_ENCODING = 2
 
 
 # Per-layer state.  Held positions are [0, min(S, lo)) and [lo, n), S the sink
@@ -81,9 +83,12 @@ ctypedef struct kv_layer:
     int64_t hits
     int64_t misses
     int64_t truncations
+    # Copies in flight without the GIL (reads, large writes): the background
+    # compressor leaves a busy layer alone until they finish.
+    int64_t busy
     # Pads the struct to two cache lines: adjacent layers updated by
     # different threads never share a line (no false sharing).
-    char _pad[40]
+    char _pad[32]
 
 
 cdef class KVStore:
@@ -111,6 +116,7 @@ cdef class KVStore:
         kv_shape shape          # one block half, for the tier codecs
         object clock            # time source for block ages (seconds)
         int64_t auto_residual   # >= 0: compress blocks leaving this window
+        bint track_ages         # compression configured: ring wraps renew ages
         kv_block **retired[MAX_RETIRED]  # old directories, freed at dealloc
         int n_retired
         int64_t retired_bytes
@@ -132,9 +138,13 @@ cdef class KVStore:
                      int64_t *hits, int64_t *misses) except -1 nogil
     cdef int _decode(self, int32_t bid, char *dst, int halves) except -1
     cdef int _decode_nogil(self, int32_t bid, char *dst, int halves) except -1 nogil
-    cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b) except *
+    cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b, bint entered) except *
     cdef list _eligible(self, const kv_layer *L, int64_t residual, int64_t keep_first)
     cdef object _compress_block(self, int32_t bid, int tier, double budget, int64_t exact)
+    cdef object _compress_pinned(self, int32_t bid, int tier, double budget, int64_t exact,
+                                 int32_t refs)
+    cdef object _install_if(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
+                            int64_t exact, int32_t refs)
     cdef object _install(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
                          int64_t exact)
     cdef uint8_t *_encode_block(self, int32_t bid, int tier, int64_t exact,

@@ -197,6 +197,7 @@ cdef class KVStore:
         for i in range(num_layers):
             L = &self.layers[i]
             L.n = L.lo = 0
+            L.busy = 0
             L.hits = L.misses = L.evictions = L.updates = 0
             L.tokens_written = L.truncations = 0
             L.cap = 0
@@ -690,12 +691,16 @@ cdef class KVStore:
             self._release_unheld(L)
         if written:
             if written * self.batch * self.heads * self.row_bytes * 2 > NOGIL_COPY_BYTES:
+                L.busy += 1
                 with nogil:
                     _scatter_kv(self, L, ka, va, start, a0, b0, a1, b1)
+                L.busy -= 1
             else:
                 _scatter_kv(self, L, ka, va, start, a0, b0, a1, b1)
         if start < n_t:
-            self._touch(L, start, n_t)        # rewritten in place: young again
+            self._touch(L, start, n_t, False)   # rewritten in place: young again
+        if evicted and self.track_ages:
+            self._touch(L, a1, b1, True)        # the ring re-entered old blocks
         if old_table != NULL:
             PyMem_RawFree(old_table)
             self._growth_done(layer_idx, old_cap, cap, grow_seconds)
@@ -710,20 +715,27 @@ cdef class KVStore:
     def _auto_compress(self, Py_ssize_t layer_idx):
         """Automatic-compression hook (KVCache overrides it)."""
 
-    cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b) except *:
-        """Blocks holding positions [a, b) were rewritten in place: their age
-        restarts and a LOSSLESS "incompressible" verdict no longer holds."""
+    cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b, bint entered) except *:
+        """Blocks holding positions [a, b) were written again: their age
+        restarts and a LOSSLESS "incompressible" verdict no longer holds.
+        With `entered`, only blocks whose first slot was written (a ring
+        wrapping onto an old block) count; the clock is read only if any do."""
         cdef int64_t p, c, j, off, r, end
-        cdef double now = self.clock()
+        cdef double now = 0.0
+        cdef bint have_now = False
         cdef kv_block *blk
         for r in range(self.batch):
             p = a
             while p < b:
                 end = b if p >= self.sinks or b <= self.sinks else self.sinks
                 c = self._run(L, p, end, &j, &off)
-                blk = _blk(self, L.table[r * L.nblk + j])
-                blk.born = now
-                blk.flags &= ~KV_FLAG_INCOMPRESSIBLE
+                if not entered or off == 0:
+                    if not have_now:
+                        now = self.clock()
+                        have_now = True
+                    blk = _blk(self, L.table[r * L.nblk + j])
+                    blk.born = now
+                    blk.flags &= ~KV_FLAG_INCOMPRESSIBLE
                 p += c
 
     def _grown_capacity(self, Py_ssize_t layer_idx, int64_t cap, int64_t needed):
@@ -769,8 +781,12 @@ cdef class KVStore:
         cdef char *dst = <char *>cnp.PyArray_DATA(out)
         cdef int64_t half = which * self.half_bytes, hits = 0, misses = 0
         if nh * self.batch * self.heads * self.row_bytes > NOGIL_COPY_BYTES:
-            with nogil:
-                self._gather(L, half, dst, &hits, &misses)
+            L.busy += 1
+            try:
+                with nogil:
+                    self._gather(L, half, dst, &hits, &misses)
+            finally:
+                L.busy -= 1
         else:
             self._gather(L, half, dst, &hits, &misses)
         if self.metrics:
@@ -888,7 +904,9 @@ cdef class KVStore:
         none below `keep_first` and none among the last `residual`.  Blocks
         already compressed are never touched again.  Returns a list of
         (tier name, tokens, bytes before, bytes after), one per block tried
-        ("raw" when LOSSLESS could not shrink it: it stays full precision).
+        ("raw" when LOSSLESS could not shrink it: it stays full precision;
+        ("busy", layer, 0, 0) for a layer skipped because another thread was
+        copying it without the GIL).
         """
         cdef int64_t li, j, r
         cdef kv_layer *L
@@ -897,11 +915,20 @@ cdef class KVStore:
         results = []
         for li in (range(self.num_layers) if layers is None else layers):
             L = self._layer(li)
+            if L.busy:
+                # Another thread is copying this layer without the GIL.
+                results.append(("busy", li, 0, 0))
+                continue
             for j in self._eligible(L, residual, keep_first):
                 for r in range(self.batch):
+                    if j >= L.nblk:          # the table changed under a released GIL
+                        break
                     bid = L.table[r * L.nblk + j]
+                    if bid < 0:
+                        continue
                     b = _blk(self, bid)
-                    if b.tier != KV_TIER_FULL or b.born > cutoff:
+                    if (b.tier != KV_TIER_FULL or b.born > cutoff
+                            or b.flags & KV_FLAG_ENCODING):
                         continue
                     if tier == KV_TIER_LOSSLESS and b.flags & KV_FLAG_INCOMPRESSIBLE:
                         continue
@@ -931,7 +958,28 @@ cdef class KVStore:
         return [j for j in range(L.nblk) if ok[j] and count[j] == self.block_size]
 
     cdef object _compress_block(self, int32_t bid, int tier, double budget, int64_t exact):
-        """Compress block `bid` to `tier`, its first `exact` slots verbatim."""
+        """Compress block `bid` to `tier`, its first `exact` slots verbatim.
+
+        The block is pinned by an extra reference while it is encoded without
+        the GIL: a concurrent write to it then copies it first (copy-on-write)
+        and a truncation cannot free it.  The payload is installed only if
+        the block's references are what they were (nobody replaced, released
+        or shared it meanwhile); otherwise the work is dropped.
+        """
+        cdef kv_block *b = _blk(self, bid)
+        cdef int32_t refs = b.refcount
+        b.refcount += 1
+        b.flags |= KV_FLAG_ENCODING
+        try:
+            res = self._compress_pinned(bid, tier, budget, exact, refs)
+        finally:
+            b = _blk(self, bid)
+            b.flags &= ~KV_FLAG_ENCODING
+            self._release_block(bid)
+        return res
+
+    cdef object _compress_pinned(self, int32_t bid, int tier, double budget, int64_t exact,
+                                 int32_t refs):
         cdef kv_block *b = _blk(self, bid)
         cdef uint8_t *payload = NULL
         cdef char *scratch = NULL
@@ -955,8 +1003,9 @@ cdef class KVStore:
                         _decode_payload(&self.shape, cand, payload, scratch, 3)
                         self._restore_prefix(payload, cand, exact, scratch, 3)
                         err = kv_block_rel_error(&self.shape, b.data, scratch)
+                    b = _blk(self, bid)
                     if err <= budget:          # False for NaN: such blocks go lossless
-                        return self._install(bid, cand, payload, nbytes, exact)
+                        return self._install_if(bid, cand, payload, nbytes, exact, refs)
                     PyMem_RawFree(payload)
                     payload = NULL
             finally:
@@ -977,11 +1026,11 @@ cdef class KVStore:
             if payload == NULL:
                 raise MemoryError(f"cannot allocate a {nbytes}-byte payload")
             memcpy(payload, <char *>packed, nbytes)
-            return self._install(bid, tier, payload, nbytes, 0)
+            return self._install_if(bid, tier, payload, nbytes, 0, refs)
         if tier == KV_TIER_FP16 and self.itemsize == 2:
             return None                  # a float16 block is already FP16
         payload = self._encode_block(bid, tier, exact, &nbytes)
-        return self._install(bid, tier, payload, nbytes, exact)
+        return self._install_if(bid, tier, payload, nbytes, exact, refs)
 
     cdef uint8_t *_encode_block(self, int32_t bid, int tier, int64_t exact,
                                 int64_t *nbytes) except NULL:
@@ -1034,6 +1083,15 @@ cdef class KVStore:
                     memcpy(dst + w * self.half_bytes + h * self.block_size * self.row_bytes,
                            payload + body + ((w * self.heads + h) * exact) * self.row_bytes,
                            exact * self.row_bytes)
+
+    cdef object _install_if(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
+                            int64_t exact, int32_t refs):
+        """_install, unless the pinned block's references changed meanwhile
+        (then the payload is dropped and the block stays as it is)."""
+        if _blk(self, bid).refcount != refs + 1:
+            PyMem_RawFree(payload)
+            return ("dropped", 0, 0, 0)
+        return self._install(bid, tier, payload, nbytes, exact)
 
     cdef object _install(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
                          int64_t exact):
@@ -1176,6 +1234,10 @@ cdef class KVStore:
     property metrics_enabled:
         def __get__(self):
             return self.metrics
+
+    def _set_track_ages(self, bint on):
+        """Keep block ages current on ring wrap (only compression reads them)."""
+        self.track_ages = on
 
     def _clock(self):
         return self.clock()

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from ._core import KVStore
-from .compression import CompressionStats, CompressionStrategy
+from .compression import BackgroundCompressor, CompressionStats, CompressionStrategy
 from .growth import GrowthStrategy
 from .stats import CacheStats
 
@@ -98,6 +98,10 @@ class KVCache(KVStore):
         Compress blocks as they leave the residual window, on the update that
         moves them out (incrementally: a compressed block is never touched
         again).  Needs ``compression``.
+    background:
+        With ``auto_compress``: a worker thread does the compressing, off the
+        update path (see :class:`kvcache.compression.BackgroundCompressor`);
+        ``wait_for_compression()`` waits for it to catch up.
     clock:
         Time source for block ages (seconds, default ``time.monotonic``);
         inject one in tests instead of sleeping.
@@ -127,7 +131,7 @@ class KVCache(KVStore):
                  residual_tokens: int = 128, group_size: int = 32,
                  int8_group_size: int | None = None, keep_first: int | None = None,
                  error_budget: float = 0.10, auto_compress: bool = False,
-                 clock=None) -> None:
+                 background: bool = False, clock=None) -> None:
         num_layers = _positive_int("num_layers", num_layers, maximum=1 << 20)
         num_kv_heads = _positive_int("num_kv_heads", num_kv_heads, maximum=1 << 16)
         head_dim = _positive_int("head_dim", head_dim, maximum=1 << 16)
@@ -166,6 +170,9 @@ class KVCache(KVStore):
             raise ValueError(f"error_budget must be a finite number >= 0, got {error_budget!r}")
         if auto_compress and strategy is CompressionStrategy.NONE:
             raise ValueError("auto_compress needs a compression strategy")
+        if background and not auto_compress:
+            raise ValueError("background=True compresses automatically: it needs "
+                             "auto_compress=True")
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be callable, got {type(clock).__name__}")
         self._init_store(num_layers, num_kv_heads, head_dim, max_seq_len, batch_size, name,
@@ -177,6 +184,8 @@ class KVCache(KVStore):
         self.error_budget = float(error_budget)
         self.auto_compress = bool(auto_compress)
         self._auto_stats = CompressionStats()
+        self._background = BackgroundCompressor(self) if background else None
+        self._set_track_ages(strategy is not CompressionStrategy.NONE)
         if auto_compress:
             self._set_auto(residual_tokens)
         self._strategy: GrowthStrategy | None = None
@@ -280,12 +289,35 @@ class KVCache(KVStore):
         return self._clock()
 
     def _auto_compress(self, layer_idx: int) -> None:
+        if self._background is not None:
+            self._background.submit(layer_idx)
+        else:
+            self._compress_layer(layer_idx)
+
+    def _compress_layer(self, layer_idx: int) -> bool:
+        """Compress the layer's eligible blocks now; True if it was busy."""
         t0 = time.perf_counter()
         results = self._compress(int(self.compression), self.residual_tokens, self.keep_first,
                                  math.inf, self.error_budget, (layer_idx,))
         if results:
             self._auto_stats = self._auto_stats + CompressionStats.from_results(
                 results, time.perf_counter() - t0)
+        return any(r[0] == "busy" for r in results)
+
+    def wait_for_compression(self) -> None:
+        """Block until the background compressor has handled every queued
+        layer (returns at once without ``background``)."""
+        if self._background is not None:
+            self._background.join()
+            if self._background.errors:
+                raise self._background.errors[-1]
+
+    def close(self) -> None:
+        """Stop the background compressor (the cache stays usable; automatic
+        compression then runs on the update path)."""
+        if self._background is not None:
+            self._background.close()
+            self._background = None
 
     @property
     def auto_compression_stats(self) -> CompressionStats:

@@ -25,11 +25,18 @@ the block's other tokens and never re-quantizes what is already quantized.
 from __future__ import annotations
 
 import enum
+import logging
+import queue
+import threading
+import time
+import weakref
 from dataclasses import dataclass, field
 
 from . import _core
 
-__all__ = ["CompressionStrategy", "CompressionStats"]
+__all__ = ["CompressionStrategy", "CompressionStats", "BackgroundCompressor"]
+
+logger = logging.getLogger("kvcache")
 
 
 class CompressionStrategy(enum.IntEnum):
@@ -81,9 +88,14 @@ class CompressionStats:
 
     @classmethod
     def from_results(cls, results, seconds: float) -> CompressionStats:
+        """From the core's per-block results; its "busy" (a layer skipped while
+        another thread copied it) and "dropped" (a block changed while it was
+        being encoded) entries did nothing and are left out."""
         by: dict = {}
         blocks = tokens = before = after = raw = 0
         for name, ntok, b0, b1 in results:
+            if name in ("busy", "dropped"):
+                continue
             row = by.setdefault(name, {"blocks": 0, "tokens": 0, "bytes_before": 0,
                                        "bytes_after": 0})
             row["blocks"] += 1
@@ -110,3 +122,59 @@ class CompressionStats:
                                 self.bytes_after + other.bytes_after,
                                 self.raw_blocks + other.raw_blocks,
                                 self.seconds + other.seconds, by)
+
+
+class BackgroundCompressor:
+    """A daemon thread that compresses the layers the update path queues.
+
+    The update that moves a block out of the residual window only queues its
+    layer; this thread encodes the eligible blocks, with the GIL released
+    while it packs, so a decode loop never waits on compression.  Safety
+    comes from the core: a block being encoded is pinned (a concurrent write
+    copies it first, a truncation cannot free it) and its payload is
+    installed only if nothing changed it meanwhile; a layer with a GIL-free
+    copy in flight is retried shortly after.  The thread holds the cache by
+    a weak reference and ends when the cache is gone or ``close()`` is called.
+    """
+
+    def __init__(self, cache) -> None:
+        self._cache = weakref.ref(cache)
+        self._queue: queue.Queue = queue.Queue()
+        self.errors: list = []
+        self._thread = threading.Thread(target=self._run, name="kvcache-compress", daemon=True)
+        self._thread.start()
+
+    def submit(self, layer_idx: int) -> None:
+        self._queue.put(layer_idx)
+
+    def join(self) -> None:
+        """Wait until every queued layer has been compressed."""
+        self._queue.join()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                if self._cache() is None:
+                    return
+                continue
+            try:
+                cache = self._cache() if item is not None else None
+                if cache is None:
+                    return
+                busy = cache._compress_layer(item)
+                del cache
+                if busy:                        # retry once the copy is done
+                    time.sleep(0.0005)
+                    self._queue.put(item)
+            except Exception as exc:            # keep serving; report, never crash
+                self.errors.append(exc)
+                logger.exception("kvcache: background compression of layer %s failed", item)
+            finally:
+                self._queue.task_done()
