@@ -140,11 +140,12 @@ cdef class KVStore:
     cdef int _decode_nogil(self, int32_t bid, char *dst, int halves) except -1 nogil
     cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b, bint entered) except *
     cdef list _eligible(self, const kv_layer *L, int64_t residual, int64_t keep_first)
-    cdef object _compress_block(self, int32_t bid, int tier, double budget, int64_t exact)
-    cdef object _compress_pinned(self, int32_t bid, int tier, double budget, int64_t exact,
-                                 int32_t refs)
-    cdef object _install_if(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
-                            int64_t exact, int32_t refs)
+    cdef object _compress_block(self, const kv_layer *L, int32_t bid, int tier, double budget,
+                                int64_t exact)
+    cdef object _compress_pinned(self, const kv_layer *L, int32_t bid, int tier, double budget,
+                                 int64_t exact, int32_t refs)
+    cdef object _install_if(self, const kv_layer *L, int32_t bid, int tier, uint8_t *payload,
+                            int64_t nbytes, int64_t exact, int32_t refs)
     cdef object _install(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
                          int64_t exact)
     cdef uint8_t *_encode_block(self, int32_t bid, int tier, int64_t exact,

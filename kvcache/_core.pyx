@@ -477,7 +477,10 @@ cdef class KVStore:
         scratch buffer owned by this call, so concurrent readers of other
         layers never share one) and counted as misses; the rest are hits.
         """
-        cdef int64_t nh = self._held(L), r, h, i, p, c, j, off, k, end, start
+        # The layer's extent is read once: `out` was sized from it, and the
+        # copy must not follow a length that changes under a released GIL.
+        cdef int64_t n = L.n, lo = L.lo
+        cdef int64_t nh = _min(self.sinks, lo) + n - lo, r, h, i, p, c, j, off, k, end, start
         cdef int64_t head_stride = self.block_size * self.row_bytes
         cdef const int32_t *row
         cdef const char *src
@@ -490,8 +493,8 @@ cdef class KVStore:
                 dst = out + r * self.heads * nh * self.row_bytes
                 i = 0
                 for k in range(2):
-                    start = 0 if k == 0 else L.lo
-                    end = _min(self.sinks, L.lo) if k == 0 else L.n
+                    start = 0 if k == 0 else lo
+                    end = _min(self.sinks, lo) if k == 0 else n
                     p = start
                     while p < end:
                         c = self._run(L, p, end, &j, &off)
@@ -933,7 +936,7 @@ cdef class KVStore:
                     if tier == KV_TIER_LOSSLESS and b.flags & KV_FLAG_INCOMPRESSIBLE:
                         continue
                     res = self._compress_block(
-                        bid, tier, budget, _max(0, keep_first - j * self.block_size))
+                        L, bid, tier, budget, _max(0, keep_first - j * self.block_size))
                     if res is not None:
                         results.append(res)
         return results
@@ -957,7 +960,8 @@ cdef class KVStore:
                 p += c
         return [j for j in range(L.nblk) if ok[j] and count[j] == self.block_size]
 
-    cdef object _compress_block(self, int32_t bid, int tier, double budget, int64_t exact):
+    cdef object _compress_block(self, const kv_layer *L, int32_t bid, int tier, double budget,
+                                int64_t exact):
         """Compress block `bid` to `tier`, its first `exact` slots verbatim.
 
         The block is pinned by an extra reference while it is encoded without
@@ -971,15 +975,15 @@ cdef class KVStore:
         b.refcount += 1
         b.flags |= KV_FLAG_ENCODING
         try:
-            res = self._compress_pinned(bid, tier, budget, exact, refs)
+            res = self._compress_pinned(L, bid, tier, budget, exact, refs)
         finally:
             b = _blk(self, bid)
             b.flags &= ~KV_FLAG_ENCODING
             self._release_block(bid)
         return res
 
-    cdef object _compress_pinned(self, int32_t bid, int tier, double budget, int64_t exact,
-                                 int32_t refs):
+    cdef object _compress_pinned(self, const kv_layer *L, int32_t bid, int tier, double budget,
+                                 int64_t exact, int32_t refs):
         cdef kv_block *b = _blk(self, bid)
         cdef uint8_t *payload = NULL
         cdef char *scratch = NULL
@@ -1005,7 +1009,7 @@ cdef class KVStore:
                         err = kv_block_rel_error(&self.shape, b.data, scratch)
                     b = _blk(self, bid)
                     if err <= budget:          # False for NaN: such blocks go lossless
-                        return self._install_if(bid, cand, payload, nbytes, exact, refs)
+                        return self._install_if(L, bid, cand, payload, nbytes, exact, refs)
                     PyMem_RawFree(payload)
                     payload = NULL
             finally:
@@ -1026,11 +1030,11 @@ cdef class KVStore:
             if payload == NULL:
                 raise MemoryError(f"cannot allocate a {nbytes}-byte payload")
             memcpy(payload, <char *>packed, nbytes)
-            return self._install_if(bid, tier, payload, nbytes, 0, refs)
+            return self._install_if(L, bid, tier, payload, nbytes, 0, refs)
         if tier == KV_TIER_FP16 and self.itemsize == 2:
             return None                  # a float16 block is already FP16
         payload = self._encode_block(bid, tier, exact, &nbytes)
-        return self._install_if(bid, tier, payload, nbytes, exact, refs)
+        return self._install_if(L, bid, tier, payload, nbytes, exact, refs)
 
     cdef uint8_t *_encode_block(self, int32_t bid, int tier, int64_t exact,
                                 int64_t *nbytes) except NULL:
@@ -1084,11 +1088,13 @@ cdef class KVStore:
                            payload + body + ((w * self.heads + h) * exact) * self.row_bytes,
                            exact * self.row_bytes)
 
-    cdef object _install_if(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
-                            int64_t exact, int32_t refs):
-        """_install, unless the pinned block's references changed meanwhile
-        (then the payload is dropped and the block stays as it is)."""
-        if _blk(self, bid).refcount != refs + 1:
+    cdef object _install_if(self, const kv_layer *L, int32_t bid, int tier, uint8_t *payload,
+                            int64_t nbytes, int64_t exact, int32_t refs):
+        """_install, unless the pinned block's references changed meanwhile or
+        a GIL-free copy of its layer started while it was being encoded (that
+        copy may be reading the data _install frees); then the payload is
+        dropped and the block stays as it is, to be compressed later."""
+        if _blk(self, bid).refcount != refs + 1 or L.busy:
             PyMem_RawFree(payload)
             return ("dropped", 0, 0, 0)
         return self._install(bid, tier, payload, nbytes, exact)

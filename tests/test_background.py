@@ -81,8 +81,17 @@ def test_writes_racing_the_worker_are_never_lost():
 
 
 def test_readers_and_worker_concurrently():
+    """Readers copy layers without the GIL while the worker compresses the
+    same layers (the worker must not free a block a reader is copying).
+    Readers and the decode loop do not share a layer at the same time, as
+    the thread-safety contract asks."""
     cache = KVCache(LAYERS, HEADS, 64, max_seq_len=8192, block_size=64, compression="int4",
                     residual_tokens=64, auto_compress=True, background=True)
+    rng = np.random.default_rng(2)
+    for m in range(1, 2500):                      # queue plenty of work for the worker
+        k = rng.standard_normal((1, HEADS, 1, 64)).astype(np.float16)
+        for layer in range(LAYERS):
+            cache.update(layer, k, k, m)
     stop = threading.Event()
     errors = []
 
@@ -90,25 +99,22 @@ def test_readers_and_worker_concurrently():
         try:
             while not stop.is_set():
                 for layer in range(LAYERS):
-                    cache.keys(layer)
+                    assert cache.keys(layer).shape == (1, HEADS, 2499, 64)
                     cache.values(layer)
         except Exception as exc:  # pragma: no cover - the failure being tested for
             errors.append(exc)
 
-    th = threading.Thread(target=reader)
-    th.start()
-    rng = np.random.default_rng(2)
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for th in threads:
+        th.start()
     try:
-        for m in range(1, 2500):
-            k = rng.standard_normal((1, HEADS, 1, 64)).astype(np.float16)
-            for layer in range(LAYERS):
-                cache.update(layer, k, k, m)
+        cache.wait_for_compression()
     finally:
         stop.set()
-        th.join()
-    cache.wait_for_compression()
+        for th in threads:
+            th.join()
     assert not errors
-    assert cache.stats().compressed_blocks > 0
+    assert cache.stats().compressed_blocks == LAYERS * ((2499 - 64) // 64)
     cache.close()
 
 
