@@ -138,7 +138,9 @@ cdef class KVStore:
                      int64_t *hits, int64_t *misses) except -1 nogil
     cdef int _decode(self, int32_t bid, char *dst, int halves) except -1
     cdef int _decode_nogil(self, int32_t bid, char *dst, int halves) except -1 nogil
-    cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b, bint entered) except *
+    cdef bint _touches(self, const kv_layer *L, int64_t a, int64_t b, bint entered) noexcept
+    cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b, bint entered,
+                     double now) noexcept
     cdef list _eligible(self, const kv_layer *L, int64_t residual, int64_t keep_first)
     cdef object _compress_block(self, const kv_layer *L, int32_t bid, int tier, double budget,
                                 int64_t exact)

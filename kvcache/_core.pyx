@@ -621,6 +621,7 @@ cdef class KVStore:
                     cnp.ndarray va, int64_t t, int64_t m) except -1:
         cdef int64_t S = self.sinks, start, n_t, lo_t, lo_new, cap, held_after
         cdef int64_t a0, b0, a1, b1, written, evicted = 0, n_old = L.n
+        cdef double now = 0.0
         cdef bint truncated
         cdef int64_t old_cap = L.cap, old_nblk = L.nblk
         cdef int32_t *old_table = NULL
@@ -675,6 +676,11 @@ cdef class KVStore:
             a1 = _max(start, lo_new)
             b1 = m
             self._ensure_blocks(L, a0, b0, a1, b1)      # may raise MemoryError
+            # Blocks written again get a new age; read the clock now, before
+            # the commit, so that a failing clock changes nothing.
+            if start < n_t or (evicted and self.track_ages
+                               and self._touches(L, a1, b1, True)):
+                now = self.clock()
         except BaseException:
             if old_table != NULL:                # undo the growth
                 _restore_table(self, L, old_table, old_cap, old_nblk)
@@ -701,9 +707,9 @@ cdef class KVStore:
             else:
                 _scatter_kv(self, L, ka, va, start, a0, b0, a1, b1)
         if start < n_t:
-            self._touch(L, start, n_t, False)   # rewritten in place: young again
+            self._touch(L, start, n_t, False, now)   # rewritten in place: young again
         if evicted and self.track_ages:
-            self._touch(L, a1, b1, True)        # the ring re-entered old blocks
+            self._touch(L, a1, b1, True, now)        # the ring re-entered old blocks
         if old_table != NULL:
             PyMem_RawFree(old_table)
             self._growth_done(layer_idx, old_cap, cap, grow_seconds)
@@ -718,24 +724,33 @@ cdef class KVStore:
     def _auto_compress(self, Py_ssize_t layer_idx):
         """Automatic-compression hook (KVCache overrides it)."""
 
-    cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b, bint entered) except *:
+    cdef bint _touches(self, const kv_layer *L, int64_t a, int64_t b, bint entered) noexcept:
+        """Whether _touch(L, a, b, entered) would touch any block."""
+        cdef int64_t p = a, c, j, off
+        if not entered:
+            return a < b
+        while p < b:
+            c = self._run(L, p, b if p >= self.sinks or b <= self.sinks else self.sinks,
+                          &j, &off)
+            if off == 0 or j * self.block_size + off == self.sinks:
+                return True
+            p += c
+        return False
+
+    cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b, bint entered,
+                     double now) noexcept:
         """Blocks holding positions [a, b) were written again: their age
-        restarts and a LOSSLESS "incompressible" verdict no longer holds.
-        With `entered`, only blocks whose first slot was written (a ring
-        wrapping onto an old block) count; the clock is read only if any do."""
+        restarts at `now` and a LOSSLESS "incompressible" verdict no longer
+        holds.  With `entered`, only blocks the write entered count: at their
+        first slot, or at the ring's wrap point (the first window slot)."""
         cdef int64_t p, c, j, off, r, end
-        cdef double now = 0.0
-        cdef bint have_now = False
         cdef kv_block *blk
         for r in range(self.batch):
             p = a
             while p < b:
                 end = b if p >= self.sinks or b <= self.sinks else self.sinks
                 c = self._run(L, p, end, &j, &off)
-                if not entered or off == 0:
-                    if not have_now:
-                        now = self.clock()
-                        have_now = True
+                if not entered or off == 0 or j * self.block_size + off == self.sinks:
                     blk = _blk(self, L.table[r * L.nblk + j])
                     blk.born = now
                     blk.flags &= ~KV_FLAG_INCOMPRESSIBLE

@@ -257,10 +257,10 @@ class KVCache(KVStore):
     # ------------------------------------------------------------ compression
 
     def compress_old_entries(self, age_threshold=0.0, strategy=None) -> CompressionStats:
-        """Compress every full block, in every layer, written more than
+        """Compress every full block, in every layer, written at least
         ``age_threshold`` seconds ago (a number or a ``timedelta``; 0: every
-        eligible block) that lies outside the residual window and past the
-        first ``keep_first`` positions.
+        eligible block) that lies outside the residual window; the first
+        ``keep_first`` positions keep their exact values.
 
         A block's age counts from when it was taken from the pool (or last
         rewritten in place).  ``strategy`` defaults to the cache's
