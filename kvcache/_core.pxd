@@ -152,6 +152,10 @@ cdef class KVStore:
                          int64_t exact)
     cdef uint8_t *_encode_block(self, int32_t bid, int tier, int64_t exact,
                                 int64_t *nbytes) except NULL
+    cdef int64_t _payload_size(self, int tier, int64_t exact) noexcept nogil
+    cdef void _encode_into(self, int32_t bid, int tier, int64_t exact, uint8_t *payload,
+                           char *masked) noexcept nogil
+    cdef list _compress_batch(self, const kv_layer *L, list blocks, int tier)
     cdef void _restore_prefix(self, const uint8_t *payload, int tier, int64_t exact,
                               char *dst, int halves) noexcept nogil
     cdef cnp.ndarray _as_input(self, object x, str name)

@@ -926,10 +926,12 @@ cdef class KVStore:
         ("busy", layer, 0, 0) for a layer skipped because another thread was
         copying it without the GIL).
         """
-        cdef int64_t li, j, r
+        cdef int64_t li, j, r, exact
         cdef kv_layer *L
         cdef int32_t bid
         cdef kv_block *b
+        cdef list batch = []
+        cdef set queued = set()
         results = []
         for li in (range(self.num_layers) if layers is None else layers):
             L = self._layer(li)
@@ -950,10 +952,21 @@ cdef class KVStore:
                         continue
                     if tier == KV_TIER_LOSSLESS and b.flags & KV_FLAG_INCOMPRESSIBLE:
                         continue
-                    res = self._compress_block(
-                        L, bid, tier, budget, _max(0, keep_first - j * self.block_size))
+                    if tier == KV_TIER_FP16 and self.itemsize == 2:
+                        continue             # a float16 block is already FP16
+                    exact = _max(0, keep_first - j * self.block_size)
+                    if tier in (KV_TIER_FP16, KV_TIER_INT8, KV_TIER_INT4):
+                        if bid not in queued:    # rows may share a block
+                            queued.add(bid)
+                            batch.append((bid, exact))
+                        continue
+                    res = self._compress_block(L, bid, tier, budget, exact)
                     if res is not None:
                         results.append(res)
+            if batch:
+                results.extend(self._compress_batch(L, batch, tier))
+                batch = []
+                queued.clear()
         return results
 
     cdef list _eligible(self, const kv_layer *L, int64_t residual, int64_t keep_first):
@@ -1054,43 +1067,99 @@ cdef class KVStore:
     cdef uint8_t *_encode_block(self, int32_t bid, int tier, int64_t exact,
                                 int64_t *nbytes) except NULL:
         """A new payload: block `bid` in `tier` (FP16/INT8/INT4), then its
-        first `exact` slots verbatim ([2][heads][exact][dim]).
-
-        Before quantizing, those slots are replaced by the next slot's values,
-        so that a sink token's outliers do not widen the other tokens' ranges
-        (keys are quantized per channel across the block's tokens).
-        """
-        cdef kv_block *b = _blk(self, bid)
-        cdef int64_t body = kv_payload_bytes(tier, &self.shape), h, w, r
-        cdef int64_t prefix = 2 * self.heads * exact * self.row_bytes
-        cdef int64_t head_stride = self.block_size * self.row_bytes
-        cdef uint8_t *payload = <uint8_t *>PyMem_RawMalloc(body + prefix)
+        first `exact` slots verbatim ([2][heads][exact][dim])."""
+        cdef int64_t size = self._payload_size(tier, exact)
+        cdef uint8_t *payload = <uint8_t *>PyMem_RawMalloc(size)
         cdef char *masked = NULL
-        cdef const char *src = b.data
-        cdef char *row
         if payload == NULL:
-            raise MemoryError(f"cannot allocate a {body + prefix}-byte payload")
+            raise MemoryError(f"cannot allocate a {size}-byte payload")
         if exact:
             masked = <char *>PyMem_RawMalloc(self.block_bytes)
             if masked == NULL:
                 PyMem_RawFree(payload)
                 raise MemoryError("cannot allocate an encode buffer")
         with nogil:
-            if exact:
-                memcpy(masked, b.data, self.block_bytes)
-                for w in range(2):
-                    for h in range(self.heads):
-                        row = masked + w * self.half_bytes + h * head_stride
-                        memcpy(payload + body + ((w * self.heads + h) * exact) * self.row_bytes,
-                               row, exact * self.row_bytes)
-                        for r in range(exact):
-                            memcpy(row + r * self.row_bytes, row + exact * self.row_bytes,
-                                   self.row_bytes)
-                src = masked
-            _encode(&self.shape, tier, src, payload)
+            self._encode_into(bid, tier, exact, payload, masked)
         PyMem_RawFree(masked)
-        nbytes[0] = body + prefix
+        nbytes[0] = size
         return payload
+
+    cdef int64_t _payload_size(self, int tier, int64_t exact) noexcept nogil:
+        return kv_payload_bytes(tier, &self.shape) + 2 * self.heads * exact * self.row_bytes
+
+    cdef void _encode_into(self, int32_t bid, int tier, int64_t exact, uint8_t *payload,
+                           char *masked) noexcept nogil:
+        """Encode block `bid` into `payload` (_payload_size bytes).  With
+        `exact`, the first slots are saved verbatim after the body and, in a
+        copy (`masked`, block_bytes), replaced by the next slot's values
+        before quantizing: a sink token's outliers then do not widen the
+        other tokens' ranges (keys are quantized per channel across the
+        block's tokens)."""
+        cdef kv_block *b = _blk(self, bid)
+        cdef int64_t body = kv_payload_bytes(tier, &self.shape), h, w, r
+        cdef int64_t head_stride = self.block_size * self.row_bytes
+        cdef const char *src = b.data
+        cdef char *row
+        if exact:
+            memcpy(masked, b.data, self.block_bytes)
+            for w in range(2):
+                for h in range(self.heads):
+                    row = masked + w * self.half_bytes + h * head_stride
+                    memcpy(payload + body + ((w * self.heads + h) * exact) * self.row_bytes,
+                           row, exact * self.row_bytes)
+                    for r in range(exact):
+                        memcpy(row + r * self.row_bytes, row + exact * self.row_bytes,
+                               self.row_bytes)
+            src = masked
+        _encode(&self.shape, tier, src, payload)
+
+    cdef list _compress_batch(self, const kv_layer *L, list blocks, int tier):
+        """Compress many blocks of one layer to a quantized tier in a single
+        GIL-free pass (one GIL hand-off per layer, not per block).  Blocks
+        are pinned for the pass exactly as _compress_block pins one."""
+        cdef Py_ssize_t n = len(blocks), i, got = 0
+        cdef kv_block *b
+        cdef int32_t *bids = <int32_t *>PyMem_RawMalloc(n * sizeof(int32_t))
+        cdef int32_t *refs = <int32_t *>PyMem_RawMalloc(n * sizeof(int32_t))
+        cdef int64_t *exacts = <int64_t *>PyMem_RawMalloc(n * sizeof(int64_t))
+        cdef uint8_t **payloads = <uint8_t **>PyMem_RawMalloc(n * sizeof(uint8_t *))
+        cdef char *masked = <char *>PyMem_RawMalloc(self.block_bytes)
+        results = []
+        try:
+            if bids == NULL or refs == NULL or exacts == NULL or payloads == NULL or masked == NULL:
+                raise MemoryError(f"cannot plan the compression of {n} blocks")
+            for i in range(n):
+                bids[i], exacts[i] = blocks[i]
+                payloads[i] = <uint8_t *>PyMem_RawMalloc(self._payload_size(tier, exacts[i]))
+                if payloads[i] == NULL:
+                    raise MemoryError("cannot allocate compressed payloads")
+                got += 1
+            for i in range(n):               # pin
+                b = _blk(self, bids[i])
+                refs[i] = b.refcount
+                b.refcount += 1
+                b.flags |= KV_FLAG_ENCODING
+            with nogil:
+                for i in range(n):
+                    self._encode_into(bids[i], tier, exacts[i], payloads[i], masked)
+            for i in range(n):               # install what nobody touched, unpin
+                results.append(self._install_if(L, bids[i], tier, payloads[i],
+                                                self._payload_size(tier, exacts[i]),
+                                                exacts[i], refs[i]))
+                payloads[i] = NULL           # owned by the block, or freed
+                b = _blk(self, bids[i])
+                b.flags &= ~KV_FLAG_ENCODING
+                self._release_block(bids[i])
+        finally:
+            if payloads != NULL:
+                for i in range(got):
+                    PyMem_RawFree(payloads[i])
+            PyMem_RawFree(payloads)
+            PyMem_RawFree(bids)
+            PyMem_RawFree(refs)
+            PyMem_RawFree(exacts)
+            PyMem_RawFree(masked)
+        return results
 
     cdef void _restore_prefix(self, const uint8_t *payload, int tier, int64_t exact,
                               char *dst, int halves) noexcept nogil:

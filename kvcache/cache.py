@@ -7,7 +7,9 @@ import logging
 import math
 import numbers
 import operator
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -256,7 +258,8 @@ class KVCache(KVStore):
 
     # ------------------------------------------------------------ compression
 
-    def compress_old_entries(self, age_threshold=0.0, strategy=None) -> CompressionStats:
+    def compress_old_entries(self, age_threshold=0.0, strategy=None,
+                             workers: int | None = None) -> CompressionStats:
         """Compress every full block, in every layer, written at least
         ``age_threshold`` seconds ago (a number or a ``timedelta``; 0: every
         eligible block) that lies outside the residual window; the first
@@ -265,6 +268,8 @@ class KVCache(KVStore):
         A block's age counts from when it was taken from the pool (or last
         rewritten in place).  ``strategy`` defaults to the cache's
         ``compression``.  Blocks already compressed are left as they are.
+        ``workers`` threads compress different layers at once (the codecs
+        release the GIL); default: one per CPU, at most 4.
         """
         if isinstance(age_threshold, datetime.timedelta):
             age_threshold = age_threshold.total_seconds()
@@ -279,9 +284,20 @@ class KVCache(KVStore):
                              "or strategy= here")
         if tier in (CompressionStrategy.INT4, CompressionStrategy.ADAPTIVE) and self.head_dim % 2:
             raise ValueError(f"INT4 needs an even head_dim, got {self.head_dim}")
+        if workers is None:
+            workers = min(4, os.cpu_count() or 1)
+        workers = _positive_int("workers", workers, maximum=256)
         t0 = time.perf_counter()
-        results = self._compress(int(tier), self.residual_tokens, self.keep_first,
-                                 self.clock_now() - age_threshold, self.error_budget)
+        args = (int(tier), self.residual_tokens, self.keep_first,
+                self.clock_now() - age_threshold, self.error_budget)
+        if workers == 1 or self.num_layers == 1:
+            results = self._compress(*args)
+        else:
+            # Layers are independent: each thread takes whole layers, and the
+            # pool, counters and block states are only touched with the GIL.
+            with ThreadPoolExecutor(min(workers, self.num_layers)) as pool:
+                parts = pool.map(lambda li: self._compress(*args, (li,)), range(self.num_layers))
+                results = [r for part in parts for r in part]
         return CompressionStats.from_results(results, time.perf_counter() - t0)
 
     def clock_now(self) -> float:
