@@ -685,7 +685,8 @@ cdef class KVStore:
             if old_table != NULL:                # undo the growth
                 _restore_table(self, L, old_table, old_cap, old_nblk)
             raise
-        # ---- commit: nothing below can fail
+        # ---- commit: nothing below can fail (growth logging and automatic
+        # compression, at the end, only report their own errors)
         written = (b0 - a0) + (b1 - a1)
         if self.metrics:
             # The only counting on the hot path: ~1% of its instructions.

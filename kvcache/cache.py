@@ -186,6 +186,7 @@ class KVCache(KVStore):
         self.error_budget = float(error_budget)
         self.auto_compress = bool(auto_compress)
         self._auto_stats = CompressionStats()
+        self.auto_compression_errors: list = []
         self._background = BackgroundCompressor(self) if background else None
         self._set_track_ages(strategy is not CompressionStrategy.NONE)
         if auto_compress:
@@ -305,10 +306,16 @@ class KVCache(KVStore):
         return self._clock()
 
     def _auto_compress(self, layer_idx: int) -> None:
-        if self._background is not None:
-            self._background.submit(layer_idx)
-        else:
-            self._compress_layer(layer_idx)
+        # Runs after an update committed: a failure to compress is logged and
+        # kept (auto_compression_errors), never raised from update().
+        try:
+            if self._background is not None:
+                self._background.submit(layer_idx)
+            else:
+                self._compress_layer(layer_idx)
+        except Exception as exc:
+            self.auto_compression_errors.append(exc)
+            logger.exception("kvcache: automatic compression of layer %d failed", layer_idx)
 
     def _compress_layer(self, layer_idx: int) -> bool:
         """Compress the layer's eligible blocks now; True if it was busy."""

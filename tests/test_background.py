@@ -142,3 +142,19 @@ def test_close_then_compression_runs_inline():
     x = np.ones((1, 1, 64, 8), np.float16)
     cache.update(0, x, x, 64)
     assert cache.stats().compressed_blocks == (64 - 8) // 8
+
+
+def test_failing_automatic_compression_never_fails_the_update(monkeypatch, caplog):
+    cache = KVCache(1, 1, 8, max_seq_len=512, block_size=8, compression="int8",
+                    residual_tokens=8, auto_compress=True)
+
+    def boom(*args, **kwargs):
+        raise MemoryError("no memory for payloads")
+
+    monkeypatch.setattr(cache, "_compress_layer", boom)
+    x = np.ones((1, 1, 64, 8), np.float16)
+    cache.update(0, x, x, 64)                     # committed despite the failure
+    assert cache.seq_len(0) == 64
+    assert np.array_equal(cache.keys(0), x)
+    assert isinstance(cache.auto_compression_errors[0], MemoryError)
+    assert "automatic compression of layer 0 failed" in caplog.text
