@@ -64,6 +64,8 @@ cdef enum:
     KV_FLAG_INCOMPRESSIBLE = 1
     # Being encoded without the GIL (pinned by an extra reference).
     KV_FLAG_ENCODING = 2
+    # A LOSSLESS payload packed by zstd (else lz4).
+    KV_FLAG_ZSTD = 4
 
 
 # Per-layer state.  Held positions are [0, min(S, lo)) and [lo, n), S the sink
@@ -117,6 +119,7 @@ cdef class KVStore:
         object clock            # time source for block ages (seconds)
         int64_t auto_residual   # >= 0: compress blocks leaving this window
         bint track_ages         # compression configured: ring wraps renew ages
+        bint zstd               # LOSSLESS packs with zstd instead of lz4
         kv_block **retired[MAX_RETIRED]  # old directories, freed at dealloc
         int n_retired
         int64_t retired_bytes

@@ -541,8 +541,8 @@ cdef class KVStore:
         cdef bytes plain
         if b.tier != KV_TIER_LOSSLESS:
             return self._decode_nogil(bid, dst, halves)
-        plain = _lz4().decompress(
-            (<char *>b.payload)[:b.payload_bytes], uncompressed_size=self.block_bytes)
+        plain = _lossless_unpack((<char *>b.payload)[:b.payload_bytes], self.block_bytes,
+                                 b.flags & KV_FLAG_ZSTD)
         if len(plain) != self.block_bytes:
             raise ValueError(f"a lossless block decoded to {len(plain)} bytes, "
                              f"expected {self.block_bytes}")
@@ -1050,7 +1050,7 @@ cdef class KVStore:
             shuffled = bytearray(self.block_bytes)
             kv_shuffle(<const uint8_t *>b.data, <uint8_t *><char *>shuffled,
                        self.block_bytes // self.itemsize, self.itemsize)
-            packed = _lz4().compress(shuffled, store_size=False)
+            packed = _lossless_pack(shuffled, self.zstd)
             if len(packed) >= self.block_bytes:
                 b.flags |= KV_FLAG_INCOMPRESSIBLE
                 return ("raw", self.block_size, self.block_bytes, self.block_bytes)
@@ -1059,7 +1059,10 @@ cdef class KVStore:
             if payload == NULL:
                 raise MemoryError(f"cannot allocate a {nbytes}-byte payload")
             memcpy(payload, <char *>packed, nbytes)
-            return self._install_if(L, bid, tier, payload, nbytes, 0, refs)
+            res = self._install_if(L, bid, tier, payload, nbytes, 0, refs)
+            if self.zstd and res[0] != "dropped":
+                b.flags |= KV_FLAG_ZSTD         # decode with the codec that packed it
+            return res
         if tier == KV_TIER_FP16 and self.itemsize == 2:
             return None                  # a float16 block is already FP16
         payload = self._encode_block(bid, tier, exact, &nbytes)
@@ -1326,6 +1329,12 @@ cdef class KVStore:
         def __get__(self):
             return self.metrics
 
+    def _set_lossless_codec(self, str name):
+        """"lz4" (default) or "zstd" for LOSSLESS blocks compressed from now on."""
+        if name == "zstd":
+            _zstd()                    # fail now, not at the first compression
+        self.zstd = name == "zstd"
+
     def _set_track_ages(self, bint on):
         """Keep block ages current on ring wrap (only compression reads them)."""
         self.track_ages = on
@@ -1366,6 +1375,36 @@ def _half_to_float(const uint16_t[::1] h):
 
 
 cdef object _lz4_block = None
+
+
+cdef object _zstd_module = None
+
+
+cdef object _zstd():
+    """The zstandard package, imported on first use (an optional codec)."""
+    global _zstd_module
+    if _zstd_module is None:
+        try:
+            import zstandard
+        except ImportError as exc:
+            raise ImportError("lossless_codec='zstd' needs the zstandard package "
+                              "(pip install zstandard)") from exc
+        _zstd_module = zstandard
+    return _zstd_module
+
+
+cdef bytes _lossless_pack(object data, bint zstd):
+    # A compressor object per call: they are not safe to share between the
+    # threads that may compress different layers at once.
+    if zstd:
+        return _zstd().ZstdCompressor(level=3).compress(data)
+    return _lz4().compress(data, store_size=False)
+
+
+cdef bytes _lossless_unpack(object data, int64_t size, bint zstd):
+    if zstd:
+        return _zstd().ZstdDecompressor().decompress(data, max_output_size=size)
+    return _lz4().decompress(data, uncompressed_size=size)
 
 
 cdef object _lz4():

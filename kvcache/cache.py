@@ -104,6 +104,10 @@ class KVCache(KVStore):
         With ``auto_compress``: a worker thread does the compressing, off the
         update path (see :class:`kvcache.compression.BackgroundCompressor`);
         ``wait_for_compression()`` waits for it to catch up.
+    lossless_codec:
+        ``"lz4"`` (default, the ``lz4`` package's block codec) or ``"zstd"``
+        (needs the ``zstandard`` package: slower, usually smaller) for LOSSLESS
+        blocks; each block records which codec packed it.
     clock:
         Time source for block ages (seconds, default ``time.monotonic``);
         inject one in tests instead of sleeping.
@@ -133,7 +137,8 @@ class KVCache(KVStore):
                  residual_tokens: int = 128, group_size: int = 32,
                  int8_group_size: int | None = None, keep_first: int | None = None,
                  error_budget: float = 0.10, auto_compress: bool = False,
-                 background: bool = False, clock=None) -> None:
+                 background: bool = False, lossless_codec: str = "lz4",
+                 clock=None) -> None:
         num_layers = _positive_int("num_layers", num_layers, maximum=1 << 20)
         num_kv_heads = _positive_int("num_kv_heads", num_kv_heads, maximum=1 << 16)
         head_dim = _positive_int("head_dim", head_dim, maximum=1 << 16)
@@ -175,6 +180,8 @@ class KVCache(KVStore):
         if background and not auto_compress:
             raise ValueError("background=True compresses automatically: it needs "
                              "auto_compress=True")
+        if lossless_codec not in ("lz4", "zstd"):
+            raise ValueError(f"lossless_codec must be 'lz4' or 'zstd', got {lossless_codec!r}")
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be callable, got {type(clock).__name__}")
         self._init_store(num_layers, num_kv_heads, head_dim, max_seq_len, batch_size, name,
@@ -189,6 +196,8 @@ class KVCache(KVStore):
         self.auto_compression_errors: list = []
         self._background = BackgroundCompressor(self) if background else None
         self._set_track_ages(strategy is not CompressionStrategy.NONE)
+        self._set_lossless_codec(lossless_codec)
+        self.lossless_codec = lossless_codec
         if auto_compress:
             self._set_auto(residual_tokens)
         self._strategy: GrowthStrategy | None = None
