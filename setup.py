@@ -36,11 +36,14 @@ if sys.platform != "win32":
 extensions = [
     Extension(
         "kvcache._core",
-        sources=["kvcache/_core.pyx", "src/kv_tiers.c"],
+        # kv_tiers_avx2.c is kv_tiers.c again inside an AVX2/F16C/FMA target
+        # region (x86 only; empty elsewhere), chosen at run time.
+        sources=["kvcache/_core.pyx", "src/kv_tiers.c", "src/kv_tiers_avx2.c"],
         include_dirs=[numpy.get_include(), "include"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
-        depends=["include/kv_platform.h", "include/kv_tiers.h", "kvcache/_core.pxd"],
+        depends=["include/kv_platform.h", "include/kv_tiers.h", "src/kv_tiers.c",
+                 "kvcache/_core.pxd"],
     )
 ]
 

@@ -42,6 +42,20 @@ typedef struct {
     int64_t g8, g4;               /* INT8 and INT4 value group sizes (channels) */
 } kv_shape;
 
+/* The x86 ISA variant (kv_tiers_avx2.c) exists where GCC or Clang targets
+ * x86; elsewhere only the scalar codecs are built. */
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define KV_HAVE_X86_VARIANTS 1
+#else
+#define KV_HAVE_X86_VARIANTS 0
+#endif
+
+/* In the baseline build the codec functions keep their names; an ISA
+ * variant of kv_tiers.c defines KV_CODEC to suffix them. */
+#ifndef KV_CODEC
+#define KV_CODEC(name) name
+#endif
+
 void kv_tiers_init(void);
 
 float kv_half_to_float(uint16_t h);
@@ -59,6 +73,21 @@ void kv_encode_int8(const kv_shape *s, const void *block, uint8_t *out);
 void kv_decode_int8(const kv_shape *s, const uint8_t *in, void *block, int halves);
 void kv_encode_int4(const kv_shape *s, const void *block, uint8_t *out);
 void kv_decode_int4(const kv_shape *s, const uint8_t *in, void *block, int halves);
+
+/* One set of codecs, chosen once at start-up (and by tests) with
+ * kv_codecs_select: the best variant this CPU and OS run, or scalar when
+ * allow_simd is 0 (the KVCACHE_DISABLE_SIMD kill switch). */
+typedef struct {
+    const char *name;
+    void (*encode_fp16)(const kv_shape *, const void *, uint8_t *);
+    void (*decode_fp16)(const kv_shape *, const uint8_t *, void *, int);
+    void (*encode_int8)(const kv_shape *, const void *, uint8_t *);
+    void (*decode_int8)(const kv_shape *, const uint8_t *, void *, int);
+    void (*encode_int4)(const kv_shape *, const void *, uint8_t *);
+    void (*decode_int4)(const kv_shape *, const uint8_t *, void *, int);
+} kv_codec_table;
+
+const kv_codec_table *kv_codecs_select(int allow_simd);
 
 /* Byte (un)shuffle of n elements of `itemsize` bytes: plane b holds byte b
  * of every element (what makes float exponents compressible). */

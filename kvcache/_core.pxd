@@ -47,12 +47,15 @@ cdef extern from "kv_tiers.h":
     float kv_half_to_float(uint16_t h) nogil
     uint16_t kv_float_to_half(float f) nogil
     int64_t kv_payload_bytes(int tier, const kv_shape *s) nogil
-    void kv_encode_fp16(const kv_shape *s, const void *block, uint8_t *out) nogil
-    void kv_decode_fp16(const kv_shape *s, const uint8_t *inp, void *block, int halves) nogil
-    void kv_encode_int8(const kv_shape *s, const void *block, uint8_t *out) nogil
-    void kv_decode_int8(const kv_shape *s, const uint8_t *inp, void *block, int halves) nogil
-    void kv_encode_int4(const kv_shape *s, const void *block, uint8_t *out) nogil
-    void kv_decode_int4(const kv_shape *s, const uint8_t *inp, void *block, int halves) nogil
+    ctypedef struct kv_codec_table:
+        const char *name
+        void (*encode_fp16)(const kv_shape *, const void *, uint8_t *) noexcept nogil
+        void (*decode_fp16)(const kv_shape *, const uint8_t *, void *, int) noexcept nogil
+        void (*encode_int8)(const kv_shape *, const void *, uint8_t *) noexcept nogil
+        void (*decode_int8)(const kv_shape *, const uint8_t *, void *, int) noexcept nogil
+        void (*encode_int4)(const kv_shape *, const void *, uint8_t *) noexcept nogil
+        void (*decode_int4)(const kv_shape *, const uint8_t *, void *, int) noexcept nogil
+    const kv_codec_table *kv_codecs_select(int allow_simd)
     void kv_shuffle(const uint8_t *inp, uint8_t *out, int64_t n, int64_t itemsize) nogil
     void kv_unshuffle(const uint8_t *inp, uint8_t *out, int64_t n, int64_t itemsize) nogil
     double kv_block_rel_error(const kv_shape *s, const void *exact, const void *approx) nogil

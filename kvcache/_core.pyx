@@ -26,6 +26,7 @@ from libc.stdint cimport int32_t, int64_t, uint16_t, uintptr_t
 from libc.string cimport memcpy, memset
 
 import operator
+import os
 from time import monotonic, perf_counter
 
 import numpy as np
@@ -1419,23 +1420,42 @@ cdef object _lz4():
     return _lz4_block
 
 
+# The codec variant in use: the best this CPU and OS run (AVX2+F16C+FMA on
+# x86), chosen once at import; KVCACHE_DISABLE_SIMD=1 forces the scalar one.
+cdef const kv_codec_table *_codecs = kv_codecs_select(
+    os.environ.get("KVCACHE_DISABLE_SIMD", "") not in ("1", "true", "yes"))
+
+
+def codec_backend():
+    """Name of the tier codecs in use ("avx2" or "scalar")."""
+    return _codecs.name.decode()
+
+
+def _select_codecs(bint allow_simd):
+    """Choose the codecs again (tests run every variant; not thread-safe
+    against compression running at the same time).  Returns the name."""
+    global _codecs
+    _codecs = kv_codecs_select(allow_simd)
+    return codec_backend()
+
+
 cdef void _encode(const kv_shape *s, int tier, const void *block, uint8_t *out) noexcept nogil:
     if tier == KV_TIER_FP16:
-        kv_encode_fp16(s, block, out)
+        _codecs.encode_fp16(s, block, out)
     elif tier == KV_TIER_INT8:
-        kv_encode_int8(s, block, out)
+        _codecs.encode_int8(s, block, out)
     else:
-        kv_encode_int4(s, block, out)
+        _codecs.encode_int4(s, block, out)
 
 
 cdef void _decode_payload(const kv_shape *s, int tier, const uint8_t *payload,
                           void *block, int halves) noexcept nogil:
     if tier == KV_TIER_FP16:
-        kv_decode_fp16(s, payload, block, halves)
+        _codecs.decode_fp16(s, payload, block, halves)
     elif tier == KV_TIER_INT8:
-        kv_decode_int8(s, payload, block, halves)
+        _codecs.decode_int8(s, payload, block, halves)
     else:
-        kv_decode_int4(s, payload, block, halves)
+        _codecs.decode_int4(s, payload, block, halves)
 
 
 cdef int32_t *_set_capacity(KVStore s, kv_layer *L, int64_t cap) except? NULL:

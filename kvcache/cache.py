@@ -327,14 +327,16 @@ class KVCache(KVStore):
             logger.exception("kvcache: automatic compression of layer %d failed", layer_idx)
 
     def _compress_layer(self, layer_idx: int) -> bool:
-        """Compress the layer's eligible blocks now; True if it was busy."""
+        """Compress the layer's eligible blocks now.  True when some work was
+        left undone because another thread was copying the layer (it was
+        "busy", or a payload was "dropped"): worth trying again shortly."""
         t0 = time.perf_counter()
         results = self._compress(int(self.compression), self.residual_tokens, self.keep_first,
                                  math.inf, self.error_budget, (layer_idx,))
         if results:
             self._auto_stats = self._auto_stats + CompressionStats.from_results(
                 results, time.perf_counter() - t0)
-        return any(r[0] == "busy" for r in results)
+        return any(r[0] in ("busy", "dropped") for r in results)
 
     def wait_for_compression(self) -> None:
         """Block until the background compressor has handled every queued

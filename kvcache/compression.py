@@ -132,8 +132,9 @@ class BackgroundCompressor:
     while it packs, so a decode loop never waits on compression.  Safety
     comes from the core: a block being encoded is pinned (a concurrent write
     copies it first, a truncation cannot free it) and its payload is
-    installed only if nothing changed it meanwhile; a layer with a GIL-free
-    copy in flight is retried shortly after.  The thread holds the cache by
+    installed only if nothing changed it meanwhile and no GIL-free copy of
+    its layer is in flight; otherwise the layer is retried shortly after (a
+    layer read without pause is compressed once the reads pause).  The thread holds the cache by
     a weak reference and ends when the cache is gone or ``close()`` is called.
     """
 
@@ -168,9 +169,9 @@ class BackgroundCompressor:
                 cache = self._cache() if item is not None else None
                 if cache is None:
                     return
-                busy = cache._compress_layer(item)
+                retry = cache._compress_layer(item)
                 del cache
-                if busy:                        # retry once the copy is done
+                if retry:                       # a reader was copying: try again soon
                     time.sleep(0.0005)
                     self._queue.put(item)
             except Exception as exc:            # keep serving; report, never crash

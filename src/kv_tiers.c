@@ -12,9 +12,17 @@
 #include <math.h>
 #include <string.h>
 
-static float half_table[65536];   /* half bits -> float, filled once */
+/* Half bits -> float, filled once by kv_tiers_init (the baseline build owns
+ * it; an ISA variant of this file reads the same table). */
+#ifdef KV_TIERS_VARIANT
+extern float kv_half_table[65536];
+#else
+float kv_half_table[65536];
 static int half_table_ready = 0;
+#endif
+#define half_table kv_half_table
 
+#ifndef KV_TIERS_VARIANT
 /* numpy's npy_halfbits_to_floatbits, without the table. */
 static uint32_t half_bits_to_float_bits(uint16_t h)
 {
@@ -59,6 +67,9 @@ float kv_half_to_float(uint16_t h)
     return half_table[h];
 }
 
+#endif /* KV_TIERS_VARIANT */
+
+#ifndef KV_TIERS_VARIANT
 /* float -> half bits, rounding to nearest even: the same bits as numpy's
  * x.astype(np.float16) for every input (NaNs keep numpy's payload rule).
  * Normal results take the add-and-shift path; subnormal results let the FPU
@@ -94,6 +105,8 @@ uint16_t kv_float_to_half(float fl)
     }
     return (uint16_t)(o | (sign >> 16));
 }
+
+#endif /* KV_TIERS_VARIANT */
 
 /* The same conversion without branches (every path computed, one selected),
  * so the compiler vectorises a loop of it at the baseline ISA. */
@@ -271,6 +284,7 @@ static void encode_group(const void *src, int64_t itemsize, int64_t off, int64_t
     }
 }
 
+#ifndef KV_TIERS_VARIANT
 int64_t kv_payload_bytes(int tier, const kv_shape *s)
 {
     int64_t n = s->heads * s->tokens * s->dim;      /* elements in one half */
@@ -286,12 +300,14 @@ int64_t kv_payload_bytes(int tier, const kv_shape *s)
     }
 }
 
-void kv_encode_fp16(const kv_shape *s, const void *block, uint8_t *out)
+#endif /* KV_TIERS_VARIANT */
+
+void KV_CODEC(kv_encode_fp16)(const kv_shape *s, const void *block, uint8_t *out)
 {
     floats_to_halves((const float *)block, (uint16_t *)out, 2 * s->heads * s->tokens * s->dim);
 }
 
-void kv_decode_fp16(const kv_shape *s, const uint8_t *in, void *block, int halves)
+void KV_CODEC(kv_decode_fp16)(const kv_shape *s, const uint8_t *in, void *block, int halves)
 {
     int64_t n = s->heads * s->tokens * s->dim, half, i;
     const uint16_t *h = (const uint16_t *)in;
@@ -306,7 +322,7 @@ void kv_decode_fp16(const kv_shape *s, const uint8_t *in, void *block, int halve
 }
 
 /* INT8 payload: codes [2][H][T][D] u8 | scales [2][H][T][D/g8] f16 | zeros (same). */
-void kv_encode_int8(const kv_shape *s, const void *block, uint8_t *out)
+void KV_CODEC(kv_encode_int8)(const kv_shape *s, const void *block, uint8_t *out)
 {
     int64_t n = 2 * s->heads * s->tokens * s->dim, ng = n / s->g8, g;
     uint16_t *scales = (uint16_t *)(out + n);
@@ -317,7 +333,7 @@ void kv_encode_int8(const kv_shape *s, const void *block, uint8_t *out)
     }
 }
 
-void kv_decode_int8(const kv_shape *s, const uint8_t *in, void *block, int halves)
+void KV_CODEC(kv_decode_int8)(const kv_shape *s, const uint8_t *in, void *block, int halves)
 {
     int64_t n = s->heads * s->tokens * s->dim, ng = n / s->g8, half, g, c, m, i, e;
     const uint16_t *scales = (const uint16_t *)(in + 2 * n);
@@ -387,7 +403,7 @@ static inline float get_nibble(const uint8_t *codes, int64_t e)
     return (float)((codes[e >> 1] >> ((e & 1) * 4)) & 15);
 }
 
-void kv_encode_int4(const kv_shape *s, const void *block, uint8_t *out)
+void KV_CODEC(kv_encode_int4)(const kv_shape *s, const void *block, uint8_t *out)
 {
     int64_t H = s->heads, T = s->tokens, D = s->dim, n = H * T * D;
     int64_t h, t, d0, d, m, g, c, e;
@@ -454,7 +470,7 @@ static inline void dequant_pairs(const uint8_t *codes, int64_t e, int64_t n, con
     }
 }
 
-void kv_decode_int4(const kv_shape *s, const uint8_t *in, void *block, int halves)
+void KV_CODEC(kv_decode_int4)(const kv_shape *s, const uint8_t *in, void *block, int halves)
 {
     int64_t H = s->heads, T = s->tokens, D = s->dim, n = H * T * D;
     int64_t h, t, d0, d, m, g, e;
@@ -500,6 +516,7 @@ void kv_decode_int4(const kv_shape *s, const uint8_t *in, void *block, int halve
     }
 }
 
+#ifndef KV_TIERS_VARIANT
 void kv_shuffle(const uint8_t *in, uint8_t *out, int64_t n, int64_t itemsize)
 {
     int64_t i, b;
@@ -542,3 +559,41 @@ double kv_block_rel_error(const kv_shape *s, const void *exact, const void *appr
     }
     return worst;
 }
+
+/* ------------------------------------------------------------ dispatch */
+
+static const kv_codec_table scalar_codecs = {
+    "scalar", kv_encode_fp16, kv_decode_fp16, kv_encode_int8, kv_decode_int8,
+    kv_encode_int4, kv_decode_int4,
+};
+
+#if KV_HAVE_X86_VARIANTS
+/* Defined by kv_tiers_avx2.c: this file compiled again for AVX2+F16C+FMA. */
+void kv_encode_fp16_avx2(const kv_shape *, const void *, uint8_t *);
+void kv_decode_fp16_avx2(const kv_shape *, const uint8_t *, void *, int);
+void kv_encode_int8_avx2(const kv_shape *, const void *, uint8_t *);
+void kv_decode_int8_avx2(const kv_shape *, const uint8_t *, void *, int);
+void kv_encode_int4_avx2(const kv_shape *, const void *, uint8_t *);
+void kv_decode_int4_avx2(const kv_shape *, const uint8_t *, void *, int);
+
+static const kv_codec_table avx2_codecs = {
+    "avx2", kv_encode_fp16_avx2, kv_decode_fp16_avx2, kv_encode_int8_avx2,
+    kv_decode_int8_avx2, kv_encode_int4_avx2, kv_decode_int4_avx2,
+};
+#endif
+
+const kv_codec_table *kv_codecs_select(int allow_simd)
+{
+#if KV_HAVE_X86_VARIANTS
+    /* __builtin_cpu_supports also checks that the OS saves the AVX state
+     * (xgetbv), so a CPU with AVX2 under an OS without it gets scalar. */
+    __builtin_cpu_init();
+    if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")
+        && __builtin_cpu_supports("fma")) {
+        return &avx2_codecs;
+    }
+#endif
+    (void)allow_simd;
+    return &scalar_codecs;
+}
+#endif /* KV_TIERS_VARIANT */

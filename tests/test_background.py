@@ -108,11 +108,16 @@ def test_readers_and_worker_concurrently():
     for th in threads:
         th.start()
     try:
-        cache.wait_for_compression()
+        # Race the readers against the worker for a while; a layer read
+        # without pause is compressed once the reads pause (retries).
+        done = threading.Thread(target=cache.wait_for_compression)
+        done.start()
+        done.join(timeout=1.0)
     finally:
         stop.set()
         for th in threads:
             th.join()
+    cache.wait_for_compression()
     assert not errors
     assert cache.stats().compressed_blocks == LAYERS * ((2499 - 64) // 64)
     cache.close()
