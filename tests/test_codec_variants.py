@@ -7,8 +7,8 @@ in one variant (a different rounding of one code or one decoded value).
 
 import numpy as np
 import pytest
-
 import quant_reference as qr
+
 from kvcache import KVCache, _core
 
 DATA = np.load(__file__.rsplit("/", 1)[0] + "/data/smollm2_kv_prose.npz")
