@@ -10,11 +10,17 @@ import operator
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 
 from ._core import KVStore
-from .compression import BackgroundCompressor, CompressionStats, CompressionStrategy
+from .compression import (
+    BackgroundCompressor,
+    CompressionStats,
+    CompressionStrategy,
+    release_freed_memory,
+)
 from .growth import GrowthStrategy
 from .stats import CacheStats
 
@@ -194,6 +200,7 @@ class KVCache(KVStore):
         self.auto_compress = bool(auto_compress)
         self._auto_stats = CompressionStats()
         self.auto_compression_errors: list = []
+        self._freed_since_trim = 0
         self._background = BackgroundCompressor(self) if background else None
         self._set_track_ages(strategy is not CompressionStrategy.NONE)
         self._set_lossless_codec(lossless_codec)
@@ -308,7 +315,10 @@ class KVCache(KVStore):
             with ThreadPoolExecutor(min(workers, self.num_layers)) as pool:
                 parts = pool.map(lambda li: self._compress(*args, (li,)), range(self.num_layers))
                 results = [r for part in parts for r in part]
-        return CompressionStats.from_results(results, time.perf_counter() - t0)
+        stats = CompressionStats.from_results(results, time.perf_counter() - t0)
+        if stats.blocks:
+            release_freed_memory()      # so that RSS falls with memory_bytes
+        return replace(stats, seconds=time.perf_counter() - t0)
 
     def clock_now(self) -> float:
         """The cache's clock (block ages are measured on it)."""
@@ -334,8 +344,14 @@ class KVCache(KVStore):
         results = self._compress(int(self.compression), self.residual_tokens, self.keep_first,
                                  math.inf, self.error_budget, (layer_idx,))
         if results:
-            self._auto_stats = self._auto_stats + CompressionStats.from_results(
-                results, time.perf_counter() - t0)
+            done = CompressionStats.from_results(results, time.perf_counter() - t0)
+            self._auto_stats = self._auto_stats + done
+            # Hand freed blocks back to the OS now and then (a trim walks the
+            # heaps: about a millisecond; once per 16 MiB keeps it rare).
+            self._freed_since_trim += done.bytes_before - done.bytes_after
+            if self._freed_since_trim >= 16 << 20:
+                self._freed_since_trim = 0
+                release_freed_memory()
         return any(r[0] in ("busy", "dropped") for r in results)
 
     def wait_for_compression(self) -> None:

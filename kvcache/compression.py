@@ -34,9 +34,36 @@ from dataclasses import dataclass, field
 
 from . import _core
 
-__all__ = ["CompressionStrategy", "CompressionStats", "BackgroundCompressor"]
+__all__ = ["CompressionStrategy", "CompressionStats", "BackgroundCompressor",
+           "release_freed_memory"]
 
 logger = logging.getLogger("kvcache")
+
+
+def _find_malloc_trim():
+    """glibc's malloc_trim, or None: blocks freed by compression stay in the
+    C allocator's heaps (worker threads even allocate from heaps of their
+    own) until it hands them back to the OS; without it, RSS would not fall."""
+    try:
+        import ctypes
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, ImportError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def release_freed_memory() -> bool:
+    """Return memory the C allocator keeps free to the OS (glibc); False where
+    the platform offers no way to (its allocator then decides)."""
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 class CompressionStrategy(enum.IntEnum):
