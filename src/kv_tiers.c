@@ -1,11 +1,14 @@
-/* kv_tiers.c -- scalar encoders/decoders of the compressed block tiers.
+/* kv_tiers.c -- encoders/decoders of the compressed block tiers.
  *
- * Baseline-compiled (no ISA flags): the loops are written branch-free so the
- * compiler's auto-vectoriser handles them at the baseline; per-ISA kernels
- * come with the attention dispatch.  Built with -ffp-contract=off (a fused
- * multiply-add would round q * scale + zero differently from the numpy
- * reference) and -fno-trapping-math (lets a division whose result a select
- * discards run unconditionally; no value changes).
+ * Compiled twice: here at the baseline ISA (no ISA flags), and again by
+ * kv_tiers_avx2.c inside an AVX2/F16C/FMA target region with KV_CODEC
+ * suffixing the codec names; kv_codecs_select() (end of this file) picks
+ * one at run time.  No intrinsics: the loops are written branch-free so the
+ * auto-vectoriser handles them at either width.  Built with
+ * -ffp-contract=off (a fused multiply-add would round q * scale + zero
+ * differently from the numpy reference) and -fno-trapping-math (lets a
+ * division whose result a select discards run unconditionally; no value
+ * changes).
  */
 #include "kv_tiers.h"
 
