@@ -21,7 +21,7 @@ call.
 
 cimport numpy as cnp
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
-from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.stdint cimport int32_t, int64_t, uint16_t, uintptr_t
 from libc.string cimport memcpy, memset
 
@@ -50,6 +50,9 @@ cdef enum:
     NOGIL_COPY_BYTES = 65536
     # Most blocks a pool may hold (ids are int32 table entries).
     MAX_BLOCKS = 2147483000
+    # Blocks encoded per GIL-free pass of _compress_batch (its scratch then
+    # stays small enough to come from the heap's warm, reused memory).
+    COMPRESS_CHUNK = 4
 
 # Largest length or index accepted (2**62): sums of two never overflow int64.
 cdef int64_t MAX_INDEX = 1LL << 62
@@ -1119,52 +1122,95 @@ cdef class KVStore:
         _encode(&self.shape, tier, src, payload)
 
     cdef list _compress_batch(self, const kv_layer *L, list blocks, int tier):
-        """Compress many blocks of one layer to a quantized tier in a single
-        GIL-free pass (one GIL hand-off per layer, not per block).  Blocks
-        are pinned for the pass exactly as _compress_block pins one."""
-        cdef Py_ssize_t n = len(blocks), i, got = 0
-        cdef kv_block *b
+        """Compress many blocks of one layer to a quantized tier, a few blocks
+        per GIL-free pass.
+
+        Every block is pinned before the first pass (as _compress_block pins
+        one), so none can be freed or reused while the GIL is released between
+        passes; a write to one copies it first and its payload is dropped.
+        Payloads are encoded into a small scratch buffer (reused, so its pages
+        are warm) and then copied over the front of each block's own
+        full-precision allocation, which is shrunk in place: compression takes
+        no fresh memory (no page faults), and what it frees is each
+        allocation's tail.
+        """
+        cdef Py_ssize_t n = len(blocks), i, first, m, pinned = 0, done = 0
+        cdef int64_t width = self._payload_size(tier, self.block_size - 1)
         cdef int32_t *bids = <int32_t *>PyMem_RawMalloc(n * sizeof(int32_t))
         cdef int32_t *refs = <int32_t *>PyMem_RawMalloc(n * sizeof(int32_t))
         cdef int64_t *exacts = <int64_t *>PyMem_RawMalloc(n * sizeof(int64_t))
-        cdef uint8_t **payloads = <uint8_t **>PyMem_RawMalloc(n * sizeof(uint8_t *))
+        cdef char *scratch = <char *>PyMem_RawMalloc(COMPRESS_CHUNK * width)
         cdef char *masked = <char *>PyMem_RawMalloc(self.block_bytes)
+        cdef kv_block *b
         results = []
         try:
-            if bids == NULL or refs == NULL or exacts == NULL or payloads == NULL or masked == NULL:
-                raise MemoryError(f"cannot plan the compression of {n} blocks")
-            for i in range(n):
+            if (bids == NULL or refs == NULL or exacts == NULL or scratch == NULL
+                    or masked == NULL):
+                raise MemoryError("cannot allocate compression buffers")
+            for i in range(n):                   # pin them all
                 bids[i], exacts[i] = blocks[i]
-                payloads[i] = <uint8_t *>PyMem_RawMalloc(self._payload_size(tier, exacts[i]))
-                if payloads[i] == NULL:
-                    raise MemoryError("cannot allocate compressed payloads")
-                got += 1
-            for i in range(n):               # pin
                 b = _blk(self, bids[i])
                 refs[i] = b.refcount
                 b.refcount += 1
                 b.flags |= KV_FLAG_ENCODING
-            with nogil:
-                for i in range(n):
-                    self._encode_into(bids[i], tier, exacts[i], payloads[i], masked)
-            for i in range(n):               # install what nobody touched, unpin
-                results.append(self._install_if(L, bids[i], tier, payloads[i],
-                                                self._payload_size(tier, exacts[i]),
-                                                exacts[i], refs[i]))
-                payloads[i] = NULL           # owned by the block, or freed
+                pinned += 1
+            for first in range(0, n, COMPRESS_CHUNK):
+                m = _min(COMPRESS_CHUNK, n - first)
+                with nogil:
+                    for i in range(m):
+                        self._encode_into(bids[first + i], tier, exacts[first + i],
+                                          <uint8_t *>scratch + i * width, masked)
+                for i in range(first, first + m):    # install in place, unpin
+                    results.append(self._install_in_place(
+                        L, bids[i], tier, <uint8_t *>scratch + (i - first) * width,
+                        self._payload_size(tier, exacts[i]), exacts[i], refs[i]))
+                    b = _blk(self, bids[i])
+                    b.flags &= ~KV_FLAG_ENCODING
+                    self._release_block(bids[i])
+                    done += 1
+        finally:
+            for i in range(done, pinned):            # after an error: unpin the rest
                 b = _blk(self, bids[i])
                 b.flags &= ~KV_FLAG_ENCODING
                 self._release_block(bids[i])
-        finally:
-            if payloads != NULL:
-                for i in range(got):
-                    PyMem_RawFree(payloads[i])
-            PyMem_RawFree(payloads)
             PyMem_RawFree(bids)
             PyMem_RawFree(refs)
             PyMem_RawFree(exacts)
+            PyMem_RawFree(scratch)
             PyMem_RawFree(masked)
         return results
+
+    cdef object _install_in_place(self, const kv_layer *L, int32_t bid, int tier,
+                                  const uint8_t *encoded, int64_t nbytes, int64_t exact,
+                                  int32_t refs):
+        """Make `encoded` block `bid`'s payload, stored in the block's own
+        allocation (shrunk to fit), under the same conditions as _install_if."""
+        cdef kv_block *b = _blk(self, bid)
+        cdef void *shrunk
+        if b.refcount != refs + 1 or L.busy:
+            return ("dropped", 0, 0, 0)
+        if nbytes <= self.block_bytes + KV_ALIGN:
+            memcpy(b.raw, encoded, nbytes)   # fits in the block's own allocation
+            shrunk = PyMem_RawRealloc(b.raw, nbytes)
+            if shrunk != NULL:              # shrinking in place; NULL keeps it whole
+                b.raw = <char *>shrunk
+            b.payload = <uint8_t *>b.raw
+        else:
+            # Tiny heads: scales and the verbatim prefix outweigh the block.
+            b.payload = <uint8_t *>PyMem_RawMalloc(nbytes)
+            if b.payload == NULL:
+                return ("dropped", 0, 0, 0)
+            memcpy(b.payload, encoded, nbytes)
+            PyMem_RawFree(b.raw)
+        b.raw = NULL
+        b.data = NULL
+        self.n_data_blocks -= 1
+        b.payload_bytes = nbytes
+        b.tier = tier
+        b.exact_rows = <int32_t>exact
+        self.payload_total += nbytes
+        self.n_compressed += 1
+        return (TIER_NAMES[tier], self.block_size, self.block_bytes, nbytes)
 
     cdef void _restore_prefix(self, const uint8_t *payload, int tier, int64_t exact,
                               char *dst, int halves) noexcept nogil:
