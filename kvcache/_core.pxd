@@ -162,6 +162,7 @@ cdef class KVStore:
     cdef void _encode_into(self, int32_t bid, int tier, int64_t exact, uint8_t *payload,
                            char *masked) noexcept nogil
     cdef list _compress_batch(self, const kv_layer *L, list blocks, int tier)
+    cdef bint _unchanged(self, const kv_layer *L, int32_t bid, int32_t refs) noexcept
     cdef object _install_in_place(self, const kv_layer *L, int32_t bid, int tier,
                                   const uint8_t *encoded, int64_t nbytes, int64_t exact,
                                   int32_t refs)

@@ -1183,34 +1183,26 @@ cdef class KVStore:
     cdef object _install_in_place(self, const kv_layer *L, int32_t bid, int tier,
                                   const uint8_t *encoded, int64_t nbytes, int64_t exact,
                                   int32_t refs):
-        """Make `encoded` block `bid`'s payload, stored in the block's own
-        allocation (shrunk to fit), under the same conditions as _install_if."""
+        """_install_if for a payload still in a scratch buffer: it is stored
+        over the front of the block's own allocation, shrunk to fit (or, for
+        tiny heads whose scales and prefix outweigh the block, in a new one)."""
         cdef kv_block *b = _blk(self, bid)
         cdef void *shrunk
-        if b.refcount != refs + 1 or L.busy:
+        cdef uint8_t *payload
+        if not self._unchanged(L, bid, refs):
             return ("dropped", 0, 0, 0)
         if nbytes <= self.block_bytes + KV_ALIGN:
-            memcpy(b.raw, encoded, nbytes)   # fits in the block's own allocation
+            memcpy(b.raw, encoded, nbytes)
             shrunk = PyMem_RawRealloc(b.raw, nbytes)
             if shrunk != NULL:              # shrinking in place; NULL keeps it whole
                 b.raw = <char *>shrunk
-            b.payload = <uint8_t *>b.raw
+            payload = <uint8_t *>b.raw
         else:
-            # Tiny heads: scales and the verbatim prefix outweigh the block.
-            b.payload = <uint8_t *>PyMem_RawMalloc(nbytes)
-            if b.payload == NULL:
+            payload = <uint8_t *>PyMem_RawMalloc(nbytes)
+            if payload == NULL:
                 return ("dropped", 0, 0, 0)
-            memcpy(b.payload, encoded, nbytes)
-            PyMem_RawFree(b.raw)
-        b.raw = NULL
-        b.data = NULL
-        self.n_data_blocks -= 1
-        b.payload_bytes = nbytes
-        b.tier = tier
-        b.exact_rows = <int32_t>exact
-        self.payload_total += nbytes
-        self.n_compressed += 1
-        return (TIER_NAMES[tier], self.block_size, self.block_bytes, nbytes)
+            memcpy(payload, encoded, nbytes)
+        return self._install(bid, tier, payload, nbytes, exact)
 
     cdef void _restore_prefix(self, const uint8_t *payload, int tier, int64_t exact,
                               char *dst, int halves) noexcept nogil:
@@ -1229,17 +1221,25 @@ cdef class KVStore:
         a GIL-free copy of its layer started while it was being encoded (that
         copy may be reading the data _install frees); then the payload is
         dropped and the block stays as it is, to be compressed later."""
-        if _blk(self, bid).refcount != refs + 1 or L.busy:
+        if not self._unchanged(L, bid, refs):
             PyMem_RawFree(payload)
             return ("dropped", 0, 0, 0)
         return self._install(bid, tier, payload, nbytes, exact)
 
+    cdef bint _unchanged(self, const kv_layer *L, int32_t bid, int32_t refs) noexcept:
+        """Whether a block pinned with `refs` other references may take its
+        payload: nobody replaced, released or shared it, and no GIL-free copy
+        of its layer is reading the data the install frees."""
+        return _blk(self, bid).refcount == refs + 1 and not L.busy
+
     cdef object _install(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
                          int64_t exact):
         """Swap block `bid`'s full-precision data for `payload` (owned from
-        now on); the data's memory goes back to the allocator."""
+        now on); the data's memory goes back to the allocator, unless the
+        payload was stored in it."""
         cdef kv_block *b = _blk(self, bid)
-        PyMem_RawFree(b.raw)
+        if <char *>payload != b.raw:
+            PyMem_RawFree(b.raw)
         b.raw = NULL
         b.data = NULL
         self.n_data_blocks -= 1

@@ -255,15 +255,8 @@ class KVCache(KVStore):
         return self._strategy
 
     def _grown_capacity(self, layer_idx: int, cap: int, needed: int) -> int:
-        new = self._strategy.next_capacity(cap, needed, self.block_size, layer_idx)
-        return min(new, self._max_capacity())
-
-    def _max_capacity(self) -> int:
-        return self._growth_limit
-
-    def _set_growth(self, enabled: bool, max_capacity: int) -> None:
-        self._growth_limit = max_capacity
-        super()._set_growth(enabled, max_capacity)
+        # The core caps the answer at max_capacity.
+        return self._strategy.next_capacity(cap, needed, self.block_size, layer_idx)
 
     def _growth_done(self, layer_idx: int, old_cap: int, new_cap: int, seconds: float) -> None:
         if self.metrics_enabled:
