@@ -38,12 +38,18 @@ extensions = [
         "kvcache._core",
         # kv_tiers_avx2.c is kv_tiers.c again inside an AVX2/F16C/FMA target
         # region (x86 only; empty elsewhere), chosen at run time.
-        sources=["kvcache/_core.pyx", "src/kv_tiers.c", "src/kv_tiers_avx2.c"],
-        include_dirs=[numpy.get_include(), "include"],
+        # kv_attn_<isa>.c: the attention kernel (src/kv_attn_impl.h) once per
+        # ISA, each in its own target region; kv_attn.c dispatches.
+        sources=["kvcache/_core.pyx", "src/kv_tiers.c", "src/kv_tiers_avx2.c",
+                 "src/kv_attn.c", "src/kv_attn_scalar.c", "src/kv_attn_avx2.c",
+                 "src/kv_attn_avx512.c", "src/kv_attn_neon.c"],
+        include_dirs=[numpy.get_include(), "include", "src"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
-        depends=["include/kv_platform.h", "include/kv_tiers.h", "src/kv_tiers.c",
-                 "kvcache/_core.pxd"],
+        depends=["include/kv_platform.h", "include/kv_tiers.h", "include/kv_attn.h",
+                 "src/kv_tiers.c", "src/kv_attn_impl.h", "src/kv_attn_exp.h",
+                 "src/kv_simd_scalar.h", "src/kv_simd_avx2.h", "src/kv_simd_avx512.h",
+                 "src/kv_simd_neon.h", "kvcache/_core.pxd", "kvcache/_attention.pxi"],
     )
 ]
 

@@ -61,6 +61,42 @@ cdef extern from "kv_tiers.h":
     double kv_block_rel_error(const kv_shape *s, const void *exact, const void *approx) nogil
 
 
+cdef extern from "kv_attn.h":
+    enum:
+        KV_FMT_F32
+        KV_FMT_F16
+        KV_FMT_INT8
+        KV_FMT_INT4
+        KV_ATTN_MAX_RUN
+        KV_CPU_AVX2
+        KV_CPU_AVX512
+        KV_CPU_NEON
+        KV_CPU_OS_YMM
+        KV_CPU_OS_ZMM
+        KV_CPU_AVX512_VNNI
+    ctypedef struct kv_run:
+        const uint8_t *base
+        int64_t pos
+        int32_t fmt, stride, off, n
+    ctypedef struct kv_attn_geom:
+        int64_t kv_heads, dim, rows, t_q, q_pos0, g8, g4
+        int prefetch
+    ctypedef struct kv_attn_kernel:
+        const char *name
+        int (*supports)(const kv_attn_geom *g) noexcept nogil
+        int64_t (*attend)(const kv_attn_geom *g, const float *q, const kv_run *runs,
+                          int64_t nruns, float *state) noexcept nogil
+    const kv_attn_kernel **kv_attn_kernels
+    int kv_attn_runnable(const kv_attn_kernel *k) nogil
+    int kv_cpu_features() nogil
+    int64_t kv_attn_state_floats(const kv_attn_geom *g) nogil
+    void kv_attn_state_init(const kv_attn_geom *g, float *state) nogil
+    void kv_attn_finish(const kv_attn_geom *g, const float *state, float *out) nogil
+    void kv_run_span(const kv_attn_geom *g, const kv_run *r, int64_t head, int half,
+                     const uint8_t **p, int64_t *nbytes) nogil
+    int64_t kv_prefetch_range(const void *p, int64_t nbytes, int64_t hot) nogil
+
+
 cdef enum:
     # LOSSLESS was tried and did not shrink the block: it stays full precision
     # and is not tried again.
@@ -88,12 +124,14 @@ ctypedef struct kv_layer:
     int64_t hits
     int64_t misses
     int64_t truncations
+    int64_t prefetches         # prefetch hints issued (cache lines)
+    int64_t prefetch_bytes
     # Copies in flight without the GIL (reads, large writes): the background
     # compressor leaves a busy layer alone until they finish.
     int64_t busy
     # Pads the struct to two cache lines: adjacent layers updated by
     # different threads never share a line (no false sharing).
-    char _pad[32]
+    char _pad[16]
 
 
 cdef class KVStore:

@@ -203,7 +203,7 @@ cdef class KVStore:
             L.n = L.lo = 0
             L.busy = 0
             L.hits = L.misses = L.evictions = L.updates = 0
-            L.tokens_written = L.truncations = 0
+            L.tokens_written = L.truncations = L.prefetches = L.prefetch_bytes = 0
             L.cap = 0
             L.nblk = 0
             L.table = NULL
@@ -817,6 +817,33 @@ cdef class KVStore:
             L.misses += misses
         return out
 
+    def attention(self, layer_idx, q, scale=None, *, out=None, bint prefetch=True):
+        """softmax(q . K^T * scale) . V over every token the layer holds.
+
+        ``q`` is [batch, num_q_heads, t_q, head_dim] (float16/32/64;
+        num_q_heads a multiple of the KV heads: grouped-query attention).
+        Query i sits at position ``seq_len - t_q + i`` and sees the held
+        keys at positions <= its own (causal); for one query that is every
+        held token (sinks and window of a ring, every tier).  ``scale``
+        defaults to 1 / sqrt(head_dim).  Returns float32 [batch,
+        num_q_heads, t_q, head_dim] (written into ``out`` when given).
+
+        The kernel walks the block tables (no copy of K or V), dequantizes
+        INT8/INT4 inside its dot products, keeps an online softmax in
+        float32 and releases the GIL; ``prefetch`` hints each next block
+        while one is computed.  Each token read counts as a hit (full
+        tier) or a miss (compressed) in the stats.
+        """
+        return _attention(self, layer_idx, q, scale, out, prefetch)
+
+    def prefetch(self, layer_idx, seq_len):
+        """Hint the memory the next ``attention(layer_idx, ...)`` reads
+        first, for a layer of length ``seq_len``: its first 32 KiB to every
+        cache level, the next 480 KiB to L2.  Call it for the next layer
+        while this one computes.  Returns the bytes hinted (0 where the
+        compiler has no prefetch builtin); never faults."""
+        return _prefetch(self, layer_idx, seq_len)
+
     def positions(self, layer_idx):
         """Absolute positions held, in the order keys() returns them (int64)."""
         cdef kv_layer *L = self._layer(layer_idx)
@@ -1268,12 +1295,14 @@ cdef class KVStore:
         """Per-layer counters as a dict of int64 arrays (read by CacheStats)."""
         cdef int64_t i
         cdef kv_layer *L
-        names = ("hits", "misses", "evictions", "updates", "tokens_written", "truncations")
+        names = ("hits", "misses", "evictions", "updates", "tokens_written", "truncations",
+                 "prefetches", "prefetch_bytes")
         out = {k: np.zeros(self.num_layers, dtype=np.int64) for k in names}
         for i in range(self.num_layers):
             L = &self.layers[i]
             for k, val in zip(names, (L.hits, L.misses, L.evictions, L.updates,
-                                      L.tokens_written, L.truncations)):
+                                      L.tokens_written, L.truncations, L.prefetches,
+                                      L.prefetch_bytes)):
                 out[k][i] = val
         return out
 
@@ -1283,7 +1312,7 @@ cdef class KVStore:
         for i in range(self.num_layers):
             L = &self.layers[i]
             L.hits = L.misses = L.evictions = L.updates = 0
-            L.tokens_written = L.truncations = 0
+            L.tokens_written = L.truncations = L.prefetches = L.prefetch_bytes = 0
 
     def _memory(self):
         """(memory_bytes, live_bytes, blocks, spare_blocks, compressed_blocks,
@@ -1483,6 +1512,11 @@ def _select_codecs(bint allow_simd):
     global _codecs
     _codecs = kv_codecs_select(allow_simd)
     return codec_backend()
+
+
+include "_attention.pxi"
+
+_init_backend()
 
 
 cdef void _encode(const kv_shape *s, int tier, const void *block, uint8_t *out) noexcept nogil:

@@ -40,6 +40,11 @@ MAX_TOKENS = 2**40
 _DTYPE_NAMES = {np.dtype("float16"): "float16", np.dtype("float32"): "float32"}
 
 
+def _largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of n that is at most limit."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
 def _positive_int(name: str, value, minimum: int = 1, maximum: int = MAX_TOKENS) -> int:
     try:
         v = operator.index(value)
@@ -97,6 +102,8 @@ class KVCache(KVStore):
     group_size, int8_group_size:
         Channels per quantization group of INT4 values (32, at most 256) and
         of INT8 (64); both are capped at ``head_dim`` and must divide it.
+        Left at their defaults, each is the largest divisor of ``head_dim``
+        not above 32 (64), so any head size works (80 -> 16 and 40).
     keep_first:
         The first positions stay at full precision (attention sinks hold a
         large share of attention): default ``sink_tokens``, or 4 without sinks.
@@ -171,8 +178,10 @@ class KVCache(KVStore):
                                    else keep_first, minimum=0)
         # Group sizes are capped at head_dim (a group never spans two tokens).
         g4 = min(_positive_int("group_size", group_size, maximum=256), head_dim)
-        g8 = min(_positive_int("int8_group_size", 64 if int8_group_size is None
-                               else int8_group_size, maximum=1 << 16), head_dim)
+        if group_size == 32:               # the default: fit it to the head size
+            g4 = _largest_divisor(head_dim, 32)
+        g8 = (_largest_divisor(head_dim, 64) if int8_group_size is None else
+              min(_positive_int("int8_group_size", int8_group_size, maximum=1 << 16), head_dim))
         for label, g in (("group_size", g4), ("int8_group_size", g8)):
             if head_dim % g:
                 raise ValueError(f"{label} ({g}) must divide head_dim ({head_dim})")

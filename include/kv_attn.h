@@ -1,0 +1,120 @@
+/* kv_attn.h -- decode attention over kvcache's block tables.
+ *
+ * softmax(q . K^T * scale) . V over runs of cached tokens, read where they
+ * lie (full precision, FP16, INT8, INT4: the quantized ones dequantized
+ * inside the dot products), with an online softmax in float32.  One kernel
+ * source (src/kv_attn_impl.h) is compiled once per ISA (kv_attn_scalar.c,
+ * kv_attn_avx2.c, kv_attn_avx512.c, kv_attn_neon.c); kv_attn.c keeps the
+ * table of the variants built and picks one from the CPU's features.
+ *
+ * Callers own every buffer; kernels allocate nothing and touch no globals,
+ * so they run without the GIL, several at once on different outputs.
+ */
+#ifndef KV_ATTN_H
+#define KV_ATTN_H
+
+#include <stdint.h>
+
+/* How the tokens of a run are stored.  The F32/F16 layouts are a block's:
+ * keys [heads][stride][dim] then values the same; stride is the block size,
+ * or the count of verbatim rows kept after a quantized payload.  INT8 and
+ * INT4 runs point at a whole payload laid out as kv_tiers.h describes. */
+enum kv_fmt {
+    KV_FMT_F32 = 0,
+    KV_FMT_F16 = 1,
+    KV_FMT_INT8 = 2,
+    KV_FMT_INT4 = 3
+};
+
+/* Longest run a kernel call takes (its score rows are this long); callers
+ * split longer ones.  */
+#define KV_ATTN_MAX_RUN 256
+
+/* Consecutive positions [pos, pos + n) stored in slots [off, off + n). */
+typedef struct {
+    const uint8_t *base;
+    int64_t pos;
+    int32_t fmt;       /* enum kv_fmt */
+    int32_t stride;    /* slots per head in this layout */
+    int32_t off;
+    int32_t n;         /* 1 .. KV_ATTN_MAX_RUN */
+} kv_run;
+
+typedef struct {
+    int64_t kv_heads, dim;
+    int64_t rows;      /* query rows per KV head: (query heads per KV head) * t_q */
+    int64_t t_q;       /* row r is query r % t_q, at position q_pos0 + r % t_q */
+    int64_t q_pos0;
+    int64_t g8, g4;    /* INT8 / INT4 value group sizes (channels) */
+    int prefetch;      /* hint the next run's lines while computing one */
+} kv_attn_geom;
+
+/* Float32 state of one batch row: running max m, sum l and output
+ * accumulator per query row, then the kernel's scratch.  State layout:
+ * m[kv_heads*rows] | l[kv_heads*rows] | acc[kv_heads*rows][dim] | scratch. */
+int64_t kv_attn_state_floats(const kv_attn_geom *g);
+void kv_attn_state_init(const kv_attn_geom *g, float *state);
+/* out[kv_heads*rows][dim] = acc / l (0 for a row that saw no key). */
+void kv_attn_finish(const kv_attn_geom *g, const float *state, float *out);
+
+/* One compiled variant.  `attend` folds `nruns` runs into `state` for the
+ * queries `q` ([kv_heads*rows][dim], already multiplied by the scale) and
+ * returns the prefetch hints it issued (cache lines).  `supports` says
+ * whether the variant's fast paths cover this geometry (the scalar one
+ * covers every geometry). */
+typedef struct {
+    const char *name;
+    int (*supports)(const kv_attn_geom *g);
+    int64_t (*attend)(const kv_attn_geom *g, const float *q, const kv_run *runs,
+                      int64_t nruns, float *state);
+} kv_attn_kernel;
+
+/* Which variants this compiler builds (one place for the conditions the
+ * kv_attn_<isa>.c files and the dispatcher share). */
+#if (defined(__x86_64__) || defined(__i386__)) && \
+    (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 5))
+#define KV_BUILD_AVX2 1
+#else
+#define KV_BUILD_AVX2 0
+#endif
+#if (defined(__x86_64__) || defined(__i386__)) && \
+    (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 7))
+#define KV_BUILD_AVX512 1
+#else
+#define KV_BUILD_AVX512 0
+#endif
+#if defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
+#define KV_BUILD_NEON 1
+#else
+#define KV_BUILD_NEON 0
+#endif
+
+/* Every variant compiled in, best first; NULL-terminated. */
+extern const kv_attn_kernel *const kv_attn_kernels[];
+/* Whether this CPU (and OS) runs the variant. */
+int kv_attn_runnable(const kv_attn_kernel *k);
+
+/* CPU features, detected once (cpuid + xgetbv on x86: an ISA counts only
+ * when the OS saves its registers). */
+enum {
+    KV_CPU_AVX2 = 1 << 0,      /* with FMA and F16C */
+    KV_CPU_AVX512 = 1 << 1,    /* F, BW, DQ, VL */
+    KV_CPU_NEON = 1 << 2,
+    KV_CPU_OS_YMM = 1 << 3,    /* XCR0 saves the AVX state */
+    KV_CPU_OS_ZMM = 1 << 4,    /* XCR0 saves the AVX-512 state */
+    KV_CPU_AVX512_VNNI = 1 << 5
+};
+int kv_cpu_features(void);
+
+/* The bytes a kernel streams for one run, one KV head and one half (0:
+ * keys, 1: values): the token rows or codes (a few scale bytes beside them
+ * are left out).  What the prefetches hint. */
+void kv_run_span(const kv_attn_geom *g, const kv_run *r, int64_t head, int half,
+                 const uint8_t **p, int64_t *nbytes);
+
+/* Hint `nbytes` from p: the first `hot` bytes to every cache level (T0), the
+ * rest to L2 and beyond (T1).  Returns the lines hinted (0 where the compiler
+ * has no prefetch builtin). */
+int64_t kv_prefetch_range(const void *p, int64_t nbytes, int64_t hot);
+
+#endif /* KV_ATTN_H */
