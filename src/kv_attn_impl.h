@@ -73,14 +73,21 @@ static inline float half_f(uint16_t h)
 
 /* ------------------------------------------------------------ prefetch */
 
-/* Hint the lines [p, p + nbytes) of the next run (all of them: blocks of a
- * table are scattered through the pool, so the hardware prefetcher only
- * starts on a block after its first misses). */
+/* Hint the first lines of each stream the next run reads.  A few lines
+ * are enough: within a block a head's keys (and values) are contiguous, and
+ * the hardware prefetcher follows them once they start; what it cannot guess
+ * is where the next block begins.  (Hinting whole blocks measured slower: a
+ * burst of hundreds of prefetches fills the miss queues the current block's
+ * loads need.) */
+#ifndef KV_PF_BYTES
+#define KV_PF_BYTES 512
+#endif
+
 static inline int64_t pf_span(const void *p, int64_t nbytes)
 {
 #if KV_HAVE_PREFETCH
     const char *c = (const char *)((uintptr_t)p & ~(uintptr_t)63);
-    const char *end = (const char *)p + nbytes;
+    const char *end = (const char *)p + (nbytes < KV_PF_BYTES ? nbytes : KV_PF_BYTES);
     int64_t lines = 0;
     for (; c < end; c += 64, lines++) {
         KV_PREFETCH_T0(c);
@@ -104,49 +111,208 @@ static int64_t pf_run(const kv_attn_geom *g, const kv_run *r, int64_t h)
     return lines;
 }
 
+/* Whether run b starts where the hardware prefetcher, streaming run a, is
+ * already going: in a's block, or within a page after its last value. */
+static int follows(const kv_attn_geom *g, const kv_run *a, const kv_run *b)
+{
+    const uint8_t *p;
+    int64_t nbytes;
+    if (b->base == a->base) {
+        return 1;
+    }
+    kv_run_span(g, a, g->kv_heads - 1, 1, &p, &nbytes);
+    return b->base > a->base && b->base <= p + nbytes + 4096;
+}
+
+/* ------------------------------------------------------------ blocks */
+
+/* The inner blocks below take their shape (rows, vectors, load kind) as
+ * constants once inlined, so their accumulators are fully unrolled into
+ * registers: KV_RS rows x KV_TB tokens of dot products, KV_RV rows x 4
+ * vectors of value sums (the ISA header sizes both to its register file). */
+#define KV_ALWAYS static inline __attribute__((always_inline))
+#if defined(__clang__)
+#define KV_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define KV_UNROLL _Pragma("GCC unroll 16")
+#else
+#define KV_UNROLL
+#endif
+
+enum { LD_F32, LD_F16, LD_I8 };
+
+KV_ALWAYS vf ldx(const void *p, int64_t i, const int kind)
+{
+    return kind == LD_F32 ? vload((const float *)p + i)
+         : kind == LD_F16 ? vloadh((const uint16_t *)p + i)
+                          : vloadb((const uint8_t *)p + i);
+}
+
+/* out[rr * ostride + t] = q_rr . x_(j + t) over channels [c0, c1), for
+ * NR rows and KV_TB tokens. */
+KV_ALWAYS void dot_tb(const float *q, int64_t D, const void *k, int64_t j, int64_t c0,
+                      int64_t c1, const int kind, const int NR, float *out, int64_t ostride)
+{
+    vf a[KV_RS][KV_TB];
+    int rr, t;
+    int64_t c;
+    KV_UNROLL for (rr = 0; rr < NR; rr++) {
+        KV_UNROLL for (t = 0; t < KV_TB; t++) {
+            a[rr][t] = vzero();
+        }
+    }
+    for (c = c0; c < c1; c += KV_VL) {
+        vf qc[KV_RS];
+        KV_UNROLL for (rr = 0; rr < NR; rr++) {
+            qc[rr] = vload(q + rr * D + c);
+        }
+        KV_UNROLL for (t = 0; t < KV_TB; t++) {
+            vf x = ldx(k, (j + t) * D + c, kind);
+            KV_UNROLL for (rr = 0; rr < NR; rr++) {
+                a[rr][t] = vfma(x, qc[rr], a[rr][t]);
+            }
+        }
+    }
+    KV_UNROLL for (rr = 0; rr < NR; rr++) {
+        vreduce_tb(a[rr], out + rr * ostride);
+    }
+}
+
+/* One token's dot product with one row (the run's last n % KV_TB tokens). */
+KV_ALWAYS float dot1(const float *q, const void *k, int64_t j, int64_t D, int64_t c0, int64_t c1,
+                     const int kind)
+{
+    vf a = vzero();
+    int64_t c;
+    for (c = c0; c < c1; c += KV_VL) {
+        a = vfma(ldx(k, j * D + c, kind), vload(q + c), a);
+    }
+    return vhsum(a);
+}
+
+/* A[rr][c .. c + W vectors) += z_rr + sum_j P[rr][j] * x_j[c ..], NR rows. */
+KV_ALWAYS void axpy_blk(const float *P, float *A, const vf *z, const void *v, int64_t D,
+                        int64_t n, int64_t c, const int kind, const int NR, const int W)
+{
+    vf a[KV_RV][4];
+    int rr, u;
+    int64_t j;
+    KV_UNROLL for (rr = 0; rr < NR; rr++) {
+        KV_UNROLL for (u = 0; u < W; u++) {
+            a[rr][u] = z[rr];
+        }
+    }
+    for (j = 0; j < n; j++) {
+        vf x[4];
+        KV_UNROLL for (u = 0; u < W; u++) {
+            x[u] = ldx(v, j * D + c + u * KV_VL, kind);
+        }
+        KV_UNROLL for (rr = 0; rr < NR; rr++) {
+            vf p = vset1(P[rr * MAXRUN + j]);
+            KV_UNROLL for (u = 0; u < W; u++) {
+                a[rr][u] = vfma(p, x[u], a[rr][u]);
+            }
+        }
+    }
+    KV_UNROLL for (rr = 0; rr < NR; rr++) {
+        KV_UNROLL for (u = 0; u < W; u++) {
+            float *d = A + rr * D + c + u * KV_VL;
+            vstore(d, vadd(vload(d), a[rr][u]));
+        }
+    }
+}
+
+/* axpy_blk over channels [c0, c1) for NR rows; Z (NULL: none) per row. */
+KV_ALWAYS void axpy_rows(const float *P, float *A, const float *Z, const void *v, int64_t D,
+                         int64_t n, int64_t c0, int64_t c1, const int kind, const int NR)
+{
+    vf z[KV_RV];
+    int rr;
+    int64_t c;
+    KV_UNROLL for (rr = 0; rr < NR; rr++) {
+        z[rr] = Z ? vset1(Z[rr]) : vzero();
+    }
+    for (c = c0; c + 4 * KV_VL <= c1; c += 4 * KV_VL) {
+        axpy_blk(P, A, z, v, D, n, c, kind, NR, 4);
+    }
+    for (; c < c1; c += KV_VL) {
+        axpy_blk(P, A, z, v, D, n, c, kind, NR, 1);
+    }
+}
+
+/* All R rows, KV_RV at a time (the remainder with a narrower block). */
+KV_ALWAYS void axpy_all(int64_t R, const float *P, float *A, const float *Z, const void *v,
+                        int64_t D, int64_t n, int64_t c0, int64_t c1, const int kind)
+{
+    int64_t r = 0;
+    for (; r + KV_RV <= R; r += KV_RV) {
+        axpy_rows(P + r * MAXRUN, A + r * D, Z ? Z + r : NULL, v, D, n, c0, c1, kind, KV_RV);
+    }
+    /* The remaining rows in one block too (GQA groups are often 3). */
+    P += r * MAXRUN;
+    A += r * D;
+    Z = Z ? Z + r : NULL;
+    switch (R - r) {
+    case 3:
+        axpy_rows(P, A, Z, v, D, n, c0, c1, kind, KV_RV > 3 ? 3 : 1);
+        if (KV_RV > 3) {
+            break;
+        }
+        P += MAXRUN;
+        A += D;
+        Z = Z ? Z + 1 : NULL;
+        /* fall through: KV_RV <= 3, one row at a time */
+    case 2:
+        axpy_rows(P, A, Z, v, D, n, c0, c1, kind, KV_RV > 2 ? 2 : 1);
+        if (KV_RV > 2) {
+            break;
+        }
+        P += MAXRUN;
+        A += D;
+        Z = Z ? Z + 1 : NULL;
+        /* fall through */
+    case 1:
+        axpy_rows(P, A, Z, v, D, n, c0, c1, kind, 1);
+        break;
+    default:
+        break;
+    }
+}
+
 /* ------------------------------------------------------------ scores */
 
-/* S[r][j] = q_r . k_j for float keys (F32: fp == NULL path via kf). */
+/* S[r][j] = q_r . k_j for float keys. */
+KV_ALWAYS void scores_float_k(const kv_attn_geom *g, const kv_run *run, int64_t h,
+                              const float *q, float *S, const int kind)
+{
+    int64_t D = g->dim, R = g->rows, n = run->n, r = 0, j;
+    int64_t first = (h * run->stride + run->off) * D;
+    const void *k = kind == LD_F32 ? (const void *)((const float *)run->base + first)
+                                   : (const void *)((const uint16_t *)run->base + first);
+    for (; r + KV_RS <= R; r += KV_RS) {
+        for (j = 0; j + KV_TB <= n; j += KV_TB) {
+            dot_tb(q + r * D, D, k, j, 0, D, kind, KV_RS, S + r * MAXRUN + j, MAXRUN);
+        }
+    }
+    for (; r < R; r++) {
+        for (j = 0; j + KV_TB <= n; j += KV_TB) {
+            dot_tb(q + r * D, D, k, j, 0, D, kind, 1, S + r * MAXRUN + j, MAXRUN);
+        }
+    }
+    for (r = 0; r < R; r++) {
+        for (j = n - n % KV_TB; j < n; j++) {
+            S[r * MAXRUN + j] = dot1(q + r * D, k, j, D, 0, D, kind);
+        }
+    }
+}
+
 static void scores_float(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *q,
                          float *S)
 {
-    int64_t D = g->dim, R = g->rows, n = run->n, r, j, c, t;
-    int64_t first = (h * run->stride + run->off) * D;
-    const float *kf = (const float *)run->base + first;
-    const uint16_t *kh = (const uint16_t *)run->base + first;
-    int f32 = run->fmt == KV_FMT_F32;
-    for (r = 0; r < R; r++) {
-        const float *qr = q + r * D;
-        float *Sr = S + r * MAXRUN;
-        for (j = 0; j + KV_TB <= n; j += KV_TB) {
-            vf a[KV_TB];
-            for (t = 0; t < KV_TB; t++) {
-                a[t] = vzero();
-            }
-            if (f32) {
-                for (c = 0; c < D; c += KV_VL) {
-                    vf qc = vload(qr + c);
-                    for (t = 0; t < KV_TB; t++) {
-                        a[t] = vfma(vload(kf + (j + t) * D + c), qc, a[t]);
-                    }
-                }
-            } else {
-                for (c = 0; c < D; c += KV_VL) {
-                    vf qc = vload(qr + c);
-                    for (t = 0; t < KV_TB; t++) {
-                        a[t] = vfma(vloadh(kh + (j + t) * D + c), qc, a[t]);
-                    }
-                }
-            }
-            vreduce_tb(a, Sr + j);
-        }
-        for (; j < n; j++) {
-            vf a = vzero();
-            for (c = 0; c < D; c += KV_VL) {
-                a = vfma(f32 ? vload(kf + j * D + c) : vloadh(kh + j * D + c), vload(qr + c), a);
-            }
-            Sr[j] = vhsum(a);
-        }
+    if (run->fmt == KV_FMT_F32) {
+        scores_float_k(g, run, h, q, S, LD_F32);
+    } else {
+        scores_float_k(g, run, h, q, S, LD_F16);
     }
 }
 
@@ -167,9 +333,10 @@ static void scores_int8(const kv_attn_geom *g, const kv_run *run, int64_t h, con
                         float *S, float *SC, float *ZR, float *QSUM)
 {
     int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n, T = run->stride;
-    int64_t G = g->g8, ng = D / G, nq = 2 * H * T * ng, r, j, c, t, k;
+    int64_t G = g->g8, ng = D / G, nq = 2 * H * T * ng, r, j, c, t, k, nr;
     const uint8_t *codes = run->base + (h * T + run->off) * D;
     const uint16_t *scales = (const uint16_t *)(run->base + 2 * H * T * D);
+    float dots[KV_RS * KV_TB];
     group_params(scales, scales + nq, (h * T + run->off) * ng, ng, n, 128.0f, SC, ZR);
     for (r = 0; r < R; r++) {                 /* sum(q) per group */
         for (k = 0; k < ng; k++) {
@@ -179,57 +346,85 @@ static void scores_int8(const kv_attn_geom *g, const kv_run *run, int64_t h, con
             }
             QSUM[r * ng + k] = vhsum(a);
         }
-    }
-    for (r = 0; r < R; r++) {
-        const float *qr = q + r * D;
-        float *Sr = S + r * MAXRUN;
-        float dots[KV_TB];
         for (j = 0; j < n; j++) {
-            Sr[j] = 0.0f;
+            S[r * MAXRUN + j] = 0.0f;
         }
-        for (k = 0; k < ng; k++) {
-            float qs = QSUM[r * ng + k];
+    }
+    for (k = 0; k < ng; k++) {
+        for (r = 0; r < R; r += nr) {
+            int rr;
+            nr = R - r >= KV_RS ? KV_RS : 1;
             for (j = 0; j + KV_TB <= n; j += KV_TB) {
-                vf a[KV_TB];
-                for (t = 0; t < KV_TB; t++) {
-                    a[t] = vzero();
+                if (nr == KV_RS) {
+                    dot_tb(q + r * D, D, codes, j, k * G, (k + 1) * G, LD_I8, KV_RS, dots, KV_TB);
+                } else {
+                    dot_tb(q + r * D, D, codes, j, k * G, (k + 1) * G, LD_I8, 1, dots, KV_TB);
                 }
-                for (c = k * G; c < (k + 1) * G; c += KV_VL) {
-                    vf qc = vload(qr + c);
+                for (rr = 0; rr < nr; rr++) {
+                    float qs = QSUM[(r + rr) * ng + k], *Sr = S + (r + rr) * MAXRUN;
                     for (t = 0; t < KV_TB; t++) {
-                        a[t] = vfma(vloadb(codes + (j + t) * D + c), qc, a[t]);
+                        Sr[j + t] += SC[(j + t) * ng + k] * dots[rr * KV_TB + t]
+                                     + ZR[(j + t) * ng + k] * qs;
                     }
-                }
-                vreduce_tb(a, dots);
-                for (t = 0; t < KV_TB; t++) {
-                    Sr[j + t] += SC[(j + t) * ng + k] * dots[t] + ZR[(j + t) * ng + k] * qs;
                 }
             }
             for (; j < n; j++) {
-                vf a = vzero();
-                for (c = k * G; c < (k + 1) * G; c += KV_VL) {
-                    a = vfma(vloadb(codes + j * D + c), vload(qr + c), a);
+                for (rr = 0; rr < nr; rr++) {
+                    float d = dot1(q + (r + rr) * D, codes, j, D, k * G, (k + 1) * G, LD_I8);
+                    S[(r + rr) * MAXRUN + j] += SC[j * ng + k] * d
+                                                + ZR[j * ng + k] * QSUM[(r + rr) * ng + k];
                 }
-                Sr[j] += SC[j * ng + k] * vhsum(a) + ZR[j * ng + k] * qs;
             }
         }
     }
 }
 
-/* Nibble order of a chunk of 2 * KV_VL channels: the KV_VL even channels,
- * then the odd ones (the scalar build's chunk of 2 is the natural order). */
 #if KV_VL > 1
+/* Nibble order of a chunk of 2 * KV_VL channels: the KV_VL even channels,
+ * then the odd ones. */
 static inline int64_t nib_slot(int64_t c)
 {
     int64_t base = c - c % (2 * KV_VL), i = c - base;
     return base + (i & 1) * KV_VL + (i >> 1);
 }
 
+/* INT4 key dot products for NR rows and KV_TB tokens: QS holds the queries
+ * folded with the per-channel scales, in nibble order. */
+KV_ALWAYS void dot4_tb(const float *QS, int64_t D, const uint8_t *codes, int64_t j, const int NR,
+                       float *out)
+{
+    vf a[KV_RS][KV_TB];
+    int rr, t;
+    int64_t c;
+    KV_UNROLL for (rr = 0; rr < NR; rr++) {
+        KV_UNROLL for (t = 0; t < KV_TB; t++) {
+            a[rr][t] = vzero();
+        }
+    }
+    for (c = 0; c < D; c += 2 * KV_VL) {
+        vf qe[KV_RS], qo[KV_RS];
+        KV_UNROLL for (rr = 0; rr < NR; rr++) {
+            qe[rr] = vload(QS + rr * D + c);
+            qo[rr] = vload(QS + rr * D + c + KV_VL);
+        }
+        KV_UNROLL for (t = 0; t < KV_TB; t++) {
+            vf lo, hi;
+            vloadn(codes + ((j + t) * D + c) / 2, &lo, &hi);
+            KV_UNROLL for (rr = 0; rr < NR; rr++) {
+                a[rr][t] = vfma(hi, qo[rr], vfma(lo, qe[rr], a[rr][t]));
+            }
+        }
+    }
+    KV_UNROLL for (rr = 0; rr < NR; rr++) {
+        vreduce_tb(a[rr], out + rr * MAXRUN);
+    }
+}
+
 static void scores_int4(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *q,
                         float *S, float *QS, float *Z)
 {
     int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n, T = run->stride;
-    int64_t nel = H * T * D, r, j, c, t;
+    int64_t nel = H * T * D, r, j, c;
     const uint8_t *codes = run->base + (h * T + run->off) * D / 2;
     const uint16_t *ks = (const uint16_t *)(run->base + nel / 2) + h * D;
     const uint16_t *kz = (const uint16_t *)(run->base + nel / 2) + H * D + h * D;
@@ -242,79 +437,45 @@ static void scores_int4(const kv_attn_geom *g, const kv_run *run, int64_t h, con
         }
         Z[r] = z;
     }
-    for (r = 0; r < R; r++) {
-        const float *qr = QS + r * D;
-        float *Sr = S + r * MAXRUN;
+    r = 0;
+    for (; r + KV_RS <= R; r += KV_RS) {
         for (j = 0; j + KV_TB <= n; j += KV_TB) {
-            vf a[KV_TB];
-            for (t = 0; t < KV_TB; t++) {
-                a[t] = vzero();
-            }
-            for (c = 0; c < D; c += 2 * KV_VL) {
-                vf qe = vload(qr + c), qo = vload(qr + c + KV_VL), lo, hi;
-                for (t = 0; t < KV_TB; t++) {
-                    vloadn(codes + ((j + t) * D + c) / 2, &lo, &hi);
-                    a[t] = vfma(hi, qo, vfma(lo, qe, a[t]));
-                }
-            }
-            vreduce_tb(a, Sr + j);
-            for (t = 0; t < KV_TB; t++) {
-                Sr[j + t] += Z[r];
-            }
+            dot4_tb(QS + r * D, D, codes, j, KV_RS, S + r * MAXRUN + j);
+        }
+    }
+    for (; r < R; r++) {
+        for (j = 0; j + KV_TB <= n; j += KV_TB) {
+            dot4_tb(QS + r * D, D, codes, j, 1, S + r * MAXRUN + j);
+        }
+    }
+    for (r = 0; r < R; r++) {
+        float *Sr = S + r * MAXRUN;
+        for (j = 0; j < n - n % KV_TB; j++) {
+            Sr[j] += Z[r];
         }
         for (; j < n; j++) {
             vf a = vzero(), lo, hi;
             for (c = 0; c < D; c += 2 * KV_VL) {
                 vloadn(codes + (j * D + c) / 2, &lo, &hi);
-                a = vfma(hi, vload(qr + c + KV_VL), vfma(lo, vload(qr + c), a));
+                a = vfma(hi, vload(QS + r * D + c + KV_VL), vfma(lo, vload(QS + r * D + c), a));
             }
             Sr[j] = vhsum(a) + Z[r];
         }
     }
 }
-
 #endif
 
 /* ------------------------------------------------------------ values */
 
-/* acc[r][c0 .. c0 + w) += sum_j P[r][j] * v_j[c0 ..] + Z[r] for float values
- * (Z NULL: none).  Two rows at once, chunks four at a time: eight
- * independent multiply-add chains keep the FMA units busy. */
 static void values_float(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *P,
                          float *acc)
 {
-    int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n, r, j, c, u, nr;
+    int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n;
     int64_t first = ((H + h) * run->stride + run->off) * D;
-    const float *vf32 = (const float *)run->base + first;
-    const uint16_t *vh = (const uint16_t *)run->base + first;
-    int f32 = run->fmt == KV_FMT_F32;
-    for (r = 0; r < R; r += 2) {
-        nr = R - r < 2 ? R - r : 2;
-        const float *P0 = P + r * MAXRUN, *P1 = P0 + (nr > 1 ? MAXRUN : 0);
-        float *A0 = acc + r * D, *A1 = A0 + (nr > 1 ? D : 0);
-        for (c = 0; c < D; c += 4 * KV_VL) {
-            int64_t w = D - c < 4 * KV_VL ? (D - c) / KV_VL : 4;
-            vf a0[4], a1[4], x[4];
-            for (u = 0; u < w; u++) {
-                a0[u] = vzero();
-                a1[u] = vzero();
-            }
-            for (j = 0; j < n; j++) {
-                vf p0 = vset1(P0[j]), p1 = vset1(P1[j]);
-                for (u = 0; u < w; u++) {
-                    x[u] = f32 ? vload(vf32 + j * D + c + u * KV_VL)
-                               : vloadh(vh + j * D + c + u * KV_VL);
-                    a0[u] = vfma(p0, x[u], a0[u]);
-                    a1[u] = vfma(p1, x[u], a1[u]);
-                }
-            }
-            for (u = 0; u < w; u++) {
-                vstore(A0 + c + u * KV_VL, vadd(vload(A0 + c + u * KV_VL), a0[u]));
-                if (nr > 1) {
-                    vstore(A1 + c + u * KV_VL, vadd(vload(A1 + c + u * KV_VL), a1[u]));
-                }
-            }
-        }
+    if (run->fmt == KV_FMT_F32) {
+        axpy_all(R, P, acc, NULL, (const float *)run->base + first, D, n, 0, D, LD_F32);
+    } else {
+        axpy_all(R, P, acc, NULL, (const uint16_t *)run->base + first, D, n, 0, D, LD_F16);
     }
 }
 
@@ -337,94 +498,97 @@ static void values_int8(const kv_attn_geom *g, const kv_run *run, int64_t h, con
                         float *acc, float *W, float *SC, float *ZR, float *Z)
 {
     int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n, T = run->stride;
-    int64_t G = g->g8, ng = D / G, nq = 2 * H * T * ng, r, j, c, k, u, nr;
+    int64_t G = g->g8, ng = D / G, nq = 2 * H * T * ng, k;
     const uint8_t *codes = run->base + ((H + h) * T + run->off) * D;
     const uint16_t *scales = (const uint16_t *)(run->base + 2 * H * T * D);
     group_params(scales, scales + nq, ((H + h) * T + run->off) * ng, ng, n, 128.0f, SC, ZR);
     for (k = 0; k < ng; k++) {
         group_weights(R, n, ng, k, P, SC, ZR, W, Z);
-        for (r = 0; r < R; r += 2) {
-            nr = R - r < 2 ? R - r : 2;
-            const float *W0 = W + r * MAXRUN, *W1 = W0 + (nr > 1 ? MAXRUN : 0);
-            float *A0 = acc + r * D, *A1 = A0 + (nr > 1 ? D : 0);
-            vf z0 = vset1(Z[r]), z1 = vset1(Z[r + nr - 1]);
-            for (c = k * G; c < (k + 1) * G; c += 4 * KV_VL) {
-                int64_t w = (k + 1) * G - c < 4 * KV_VL ? ((k + 1) * G - c) / KV_VL : 4;
-                vf a0[4], a1[4], x[4];
-                for (u = 0; u < w; u++) {
-                    a0[u] = z0;
-                    a1[u] = z1;
-                }
-                for (j = 0; j < n; j++) {
-                    vf w0 = vset1(W0[j]), w1 = vset1(W1[j]);
-                    for (u = 0; u < w; u++) {
-                        x[u] = vloadb(codes + j * D + c + u * KV_VL);
-                        a0[u] = vfma(w0, x[u], a0[u]);
-                        a1[u] = vfma(w1, x[u], a1[u]);
+        axpy_all(R, W, acc, Z, codes, D, n, k * G, (k + 1) * G, LD_I8);
+    }
+}
+
+#if KV_VL > 1
+/* INT4 values for NR rows over one group [c0, c1): codes weighted by W,
+ * even and odd channels accumulated apart and interleaved at the end. */
+KV_ALWAYS void axpy4_rows(const float *W, float *A, const float *Z, const uint8_t *codes,
+                          int64_t D, int64_t n, int64_t c0, int64_t c1, const int NR)
+{
+    int rr, u;
+    int64_t c, j;
+    for (c = c0; c < c1; c += 4 * KV_VL) {
+        const int nb = c1 - c >= 4 * KV_VL ? 2 : 1;   /* byte vectors in this block */
+        vf a[KV_RV][4], f0, f1;
+        KV_UNROLL for (rr = 0; rr < NR; rr++) {
+            KV_UNROLL for (u = 0; u < 4; u++) {
+                a[rr][u] = vzero();
+            }
+        }
+        if (nb == 2) {
+            for (j = 0; j < n; j++) {
+                vf x[4];
+                vloadn(codes + (j * D + c) / 2, &x[0], &x[1]);
+                vloadn(codes + (j * D + c) / 2 + KV_VL, &x[2], &x[3]);
+                KV_UNROLL for (rr = 0; rr < NR; rr++) {
+                    vf p = vset1(W[rr * MAXRUN + j]);
+                    KV_UNROLL for (u = 0; u < 4; u++) {
+                        a[rr][u] = vfma(p, x[u], a[rr][u]);
                     }
                 }
-                for (u = 0; u < w; u++) {
-                    vstore(A0 + c + u * KV_VL, vadd(vload(A0 + c + u * KV_VL), a0[u]));
-                    if (nr > 1) {
-                        vstore(A1 + c + u * KV_VL, vadd(vload(A1 + c + u * KV_VL), a1[u]));
-                    }
+            }
+        } else {
+            for (j = 0; j < n; j++) {
+                vf x[2];
+                vloadn(codes + (j * D + c) / 2, &x[0], &x[1]);
+                KV_UNROLL for (rr = 0; rr < NR; rr++) {
+                    vf p = vset1(W[rr * MAXRUN + j]);
+                    a[rr][0] = vfma(p, x[0], a[rr][0]);
+                    a[rr][1] = vfma(p, x[1], a[rr][1]);
                 }
+            }
+        }
+        KV_UNROLL for (rr = 0; rr < NR; rr++) {
+            vf z = vset1(Z[rr]);
+            for (u = 0; u < 2 * nb; u += 2) {
+                float *d = A + rr * D + c + u * KV_VL;
+                vzip(a[rr][u], a[rr][u + 1], &f0, &f1);
+                vstore(d, vadd(vload(d), vadd(f0, z)));
+                vstore(d + KV_VL, vadd(vload(d + KV_VL), vadd(f1, z)));
             }
         }
     }
 }
 
-#if KV_VL > 1
 static void values_int4(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *P,
                         float *acc, float *W, float *SC, float *ZR, float *Z)
 {
     int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n, T = run->stride;
-    int64_t nel = H * T * D, G = g->g4, ng = D / G, r, j, c, k, u, nr;
+    int64_t nel = H * T * D, G = g->g4, ng = D / G, r, k;
     const uint8_t *vcodes = run->base + nel / 2 + 4 * H * D;
     const uint8_t *codes = vcodes + (h * T + run->off) * D / 2;
     const uint16_t *scales = (const uint16_t *)(vcodes + nel / 2);
     group_params(scales, scales + nel / G, (h * T + run->off) * ng, ng, n, 8.0f, SC, ZR);
     for (k = 0; k < ng; k++) {
         group_weights(R, n, ng, k, P, SC, ZR, W, Z);
-        for (r = 0; r < R; r += 2) {
-            nr = R - r < 2 ? R - r : 2;
-            const float *W0 = W + r * MAXRUN, *W1 = W0 + (nr > 1 ? MAXRUN : 0);
-            float *A0 = acc + r * D, *A1 = A0 + (nr > 1 ? D : 0);
-            for (c = k * G; c < (k + 1) * G; c += 4 * KV_VL) {
-                /* u indexes vectors: even u low nibbles, odd u high ones */
-                int64_t w = (k + 1) * G - c < 4 * KV_VL ? ((k + 1) * G - c) / KV_VL : 4;
-                vf a0[4], a1[4], x[4], f0, f1;
-                for (u = 0; u < w; u++) {
-                    a0[u] = vzero();
-                    a1[u] = vzero();
-                }
-                for (j = 0; j < n; j++) {
-                    vf w0 = vset1(W0[j]), w1 = vset1(W1[j]);
-                    for (u = 0; u < w; u += 2) {
-                        vloadn(codes + (j * D + c + u * KV_VL) / 2, &x[u], &x[u + 1]);
-                        a0[u] = vfma(w0, x[u], a0[u]);
-                        a1[u] = vfma(w1, x[u], a1[u]);
-                        a0[u + 1] = vfma(w0, x[u + 1], a0[u + 1]);
-                        a1[u + 1] = vfma(w1, x[u + 1], a1[u + 1]);
-                    }
-                }
-                for (u = 0; u < w; u += 2) {
-                    float *d0 = A0 + c + u * KV_VL, *d1 = A1 + c + u * KV_VL;
-                    vf z0 = vset1(Z[r]), z1 = vset1(Z[r + nr - 1]);
-                    vzip(a0[u], a0[u + 1], &f0, &f1);
-                    vstore(d0, vadd(vload(d0), vadd(f0, z0)));
-                    vstore(d0 + KV_VL, vadd(vload(d0 + KV_VL), vadd(f1, z0)));
-                    if (nr > 1) {
-                        vzip(a1[u], a1[u + 1], &f0, &f1);
-                        vstore(d1, vadd(vload(d1), vadd(f0, z1)));
-                        vstore(d1 + KV_VL, vadd(vload(d1 + KV_VL), vadd(f1, z1)));
-                    }
-                }
-            }
+        for (r = 0; r + KV_RV <= R; r += KV_RV) {
+            axpy4_rows(W + r * MAXRUN, acc + r * D, Z + r, codes, D, n, k * G, (k + 1) * G,
+                       KV_RV);
+        }
+        if (KV_RV > 3 && R - r == 3) {
+            axpy4_rows(W + r * MAXRUN, acc + r * D, Z + r, codes, D, n, k * G, (k + 1) * G,
+                       KV_RV > 3 ? 3 : 1);
+            r += 3;
+        }
+        if (KV_RV > 2 && R - r == 2) {
+            axpy4_rows(W + r * MAXRUN, acc + r * D, Z + r, codes, D, n, k * G, (k + 1) * G,
+                       KV_RV > 2 ? 2 : 1);
+            r += 2;
+        }
+        for (; r < R; r++) {
+            axpy4_rows(W + r * MAXRUN, acc + r * D, Z + r, codes, D, n, k * G, (k + 1) * G, 1);
         }
     }
 }
-
 #endif
 
 #if KV_VL == 1
@@ -543,10 +707,12 @@ static int64_t attend(const kv_attn_geom *g, const float *q, const kv_run *runs,
     float *QS = ZR + MAXRUN * D, *Z = QS + R * D;
     for (i = 0; i < nruns; i++) {
         const kv_run *run = &runs[i];
+        /* Prefetch only where the next run is elsewhere in memory. */
+        int pf = g->prefetch && i + 1 < nruns && !follows(g, run, &runs[i + 1]);
         for (h = 0; h < H; h++) {
             const float *qh = q + h * R * D;
             float *acch = acc + h * R * D;
-            if (g->prefetch && i + 1 < nruns) {
+            if (pf) {
                 lines += pf_run(g, &runs[i + 1], h);
             }
             switch (run->fmt) {

@@ -8,6 +8,8 @@
 
 #define KV_VL 8
 #define KV_TB 8
+#define KV_RS 1   /* query rows per dot-product block */
+#define KV_RV 2   /* query rows per value block */
 typedef __m256 vf;
 
 static inline vf vzero(void) { return _mm256_setzero_ps(); }

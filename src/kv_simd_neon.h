@@ -8,6 +8,8 @@
 
 #define KV_VL 4
 #define KV_TB 4
+#define KV_RS 2   /* query rows per dot-product block */
+#define KV_RV 4   /* query rows per value block */
 typedef float32x4_t vf;
 
 static inline vf vzero(void) { return vdupq_n_f32(0.0f); }

@@ -10,6 +10,8 @@
 #include "kv_attn_exp.h"
 #define KV_VL 1
 #define KV_TB 1
+#define KV_RS 1   /* query rows per dot-product block */
+#define KV_RV 2   /* query rows per value block */
 typedef double vf;
 
 static inline vf vzero(void) { return 0.0; }
