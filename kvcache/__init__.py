@@ -16,8 +16,18 @@ except ImportError as exc:  # pragma: no cover - depends on how it was installed
 from .cache import DEFAULT_BLOCK_SIZE, KVCache
 from .compression import CompressionStats, CompressionStrategy
 from .growth import GrowthStrategy
+from .runtime import (
+    available_backends,
+    backend,
+    compiled_backends,
+    cpu_features,
+    runtime_info,
+    set_backend,
+    show_runtime,
+)
 from .stats import CacheStats
 
 __all__ = ["KVCache", "GrowthStrategy", "CacheStats", "CacheFullError", "CompressionStrategy",
-           "CompressionStats", "DEFAULT_BLOCK_SIZE"]
+           "CompressionStats", "DEFAULT_BLOCK_SIZE", "backend", "available_backends",
+           "compiled_backends", "set_backend", "cpu_features", "runtime_info", "show_runtime"]
 __version__ = "0.1.0"

@@ -7,6 +7,12 @@ Definitions (they are what the numbers mean, and tests hold them to it):
   served from the full-precision tier and a **miss** when it had to be
   decoded from a compressed tier.  ``hit_rate = hits / (hits + misses)``,
   ``0.0`` when nothing was read.
+  ``attention()`` reads each held token once per batch row and counts it
+  the same way.
+* ``prefetches``: prefetch hints issued (cache lines), by ``attention()``
+  for blocks that do not follow the one being computed in memory, and by
+  ``prefetch()``; ``prefetch_bytes`` = 64 x ``prefetches`` (0 where the
+  compiler has no prefetch builtin).
 * ``evictions``: tokens (positions x batch rows) the ring dropped to make room.
   Truncation is not eviction.
 * ``updates``: applications of the update rule (each ``update()`` call, and
@@ -39,7 +45,7 @@ __all__ = ["CacheStats"]
 
 # Counters are additive over an interval; the rest are gauges (a level now).
 _COUNTERS = ("hits", "misses", "evictions", "growths", "growth_bytes", "growth_seconds",
-             "updates", "tokens_written", "truncations")
+             "updates", "tokens_written", "truncations", "prefetches", "prefetch_bytes")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class CacheStats:
     updates: int = 0
     tokens_written: int = 0
     truncations: int = 0
+    prefetches: int = 0
+    prefetch_bytes: int = 0
     memory_bytes: int = 0
     live_bytes: int = 0
     blocks: int = 0
@@ -99,6 +107,7 @@ class CacheStats:
             ("growth events", f"{self.growths:,}"),
             ("growth time", f"{self.growth_seconds * 1e3:.3f} ms"),
             ("updates", f"{self.updates:,}"), ("tokens held", f"{self.tokens_held:,}"),
+            ("prefetches", f"{self.prefetches:,} lines ({_mib(self.prefetch_bytes)})"),
             ("memory", _mib(self.memory_bytes)), ("live data", _mib(self.live_bytes)),
             ("memory efficiency", f"{self.memory_efficiency:.1%}"),
             ("blocks (spare)", f"{self.blocks:,} ({self.spare_blocks:,})"),

@@ -248,34 +248,28 @@ KV_ALWAYS void axpy_all(int64_t R, const float *P, float *A, const float *Z, con
     for (; r + KV_RV <= R; r += KV_RV) {
         axpy_rows(P + r * MAXRUN, A + r * D, Z ? Z + r : NULL, v, D, n, c0, c1, kind, KV_RV);
     }
-    /* The remaining rows in one block too (GQA groups are often 3). */
+    /* The remaining rows in as few blocks as fit (GQA groups are often 3);
+     * the NR arguments stay within KV_RV even where a branch is dead. */
+    int64_t left = R - r;
     P += r * MAXRUN;
     A += r * D;
     Z = Z ? Z + r : NULL;
-    switch (R - r) {
-    case 3:
+    if (KV_RV > 3 && left == 3) {
         axpy_rows(P, A, Z, v, D, n, c0, c1, kind, KV_RV > 3 ? 3 : 1);
-        if (KV_RV > 3) {
-            break;
-        }
-        P += MAXRUN;
-        A += D;
-        Z = Z ? Z + 1 : NULL;
-        /* fall through: KV_RV <= 3, one row at a time */
-    case 2:
+        return;
+    }
+    if (KV_RV > 2 && left >= 2) {
         axpy_rows(P, A, Z, v, D, n, c0, c1, kind, KV_RV > 2 ? 2 : 1);
-        if (KV_RV > 2) {
-            break;
-        }
+        P += 2 * MAXRUN;
+        A += 2 * D;
+        Z = Z ? Z + 2 : NULL;
+        left -= 2;
+    }
+    for (; left > 0; left--) {
+        axpy_rows(P, A, Z, v, D, n, c0, c1, kind, 1);
         P += MAXRUN;
         A += D;
         Z = Z ? Z + 1 : NULL;
-        /* fall through */
-    case 1:
-        axpy_rows(P, A, Z, v, D, n, c0, c1, kind, 1);
-        break;
-    default:
-        break;
     }
 }
 
