@@ -10,6 +10,7 @@
 # scratch buffer owned by the call, then attended like full blocks.
 
 import math
+import numbers
 import warnings
 
 cdef enum:
@@ -220,7 +221,7 @@ cdef cnp.ndarray _query(KVStore s, object q, object scale):
     if scale is None:
         sc = 1.0 / math.sqrt(s.head_dim)
     else:
-        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.number)):
+        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
         sc = float(scale)
         if not math.isfinite(sc):

@@ -641,14 +641,23 @@ static void values_int4_flat(const kv_attn_geom *g, const kv_run *run, int64_t h
 
 /* Fold row scores S[r][0 .. n) into (m, l) and rescale acc; leave the
  * probabilities in S, zero past the row's causal limit. */
-static void softmax_update(const kv_attn_geom *g, const kv_run *run, float *S, float *m,
-                           float *l, float *acc)
+/* Tokens of the run that row r sees: those at positions <= its query's. */
+static inline int64_t row_visible(const kv_attn_geom *g, const kv_run *run, int64_t r)
+{
+    int64_t vis = g->q_pos0 + r % g->t_q - run->pos + 1;
+    return vis < 0 ? 0 : (vis > run->n ? run->n : vis);
+}
+
+/* Returns whether every row sees the whole run. */
+static int softmax_update(const kv_attn_geom *g, const kv_run *run, float *S, float *m,
+                          float *l, float *acc)
 {
     int64_t D = g->dim, R = g->rows, n = run->n, r, j, c;
+    int whole = 1;
     for (r = 0; r < R; r++) {
         float *Sr = S + r * MAXRUN, mx = -INFINITY, mnew, corr, sum;
-        int64_t vis = g->q_pos0 + r % g->t_q - run->pos + 1;
-        vis = vis < 0 ? 0 : (vis > n ? n : vis);
+        int64_t vis = row_visible(g, run, r);
+        whole &= vis == n;
         for (j = vis; j < n; j++) {
             Sr[j] = 0.0f;
         }
@@ -688,9 +697,30 @@ static void softmax_update(const kv_attn_geom *g, const kv_run *run, float *S, f
             }
         }
     }
+    return whole;
 }
 
 /* ------------------------------------------------------------ kernel */
+
+static void add_values(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *P,
+                       float *acc, float *W, float *SC, float *ZR, float *Z)
+{
+    switch (run->fmt) {
+    case KV_FMT_INT8:
+        values_int8(g, run, h, P, acc, W, SC, ZR, Z);
+        break;
+    case KV_FMT_INT4:
+#if KV_VL == 1
+        (void)W; (void)SC; (void)ZR; (void)Z;
+        values_int4_flat(g, run, h, P, acc);
+#else
+        values_int4(g, run, h, P, acc, W, SC, ZR, Z);
+#endif
+        break;
+    default:
+        values_float(g, run, h, P, acc);
+    }
+}
 
 static int64_t attend(const kv_attn_geom *g, const float *q, const kv_run *runs, int64_t nruns,
                       float *state)
@@ -723,20 +753,23 @@ static int64_t attend(const kv_attn_geom *g, const float *q, const kv_run *runs,
             default:
                 scores_float(g, run, h, qh, S);
             }
-            softmax_update(g, run, S, m + h * R, l + h * R, acch);
-            switch (run->fmt) {
-            case KV_FMT_INT8:
-                values_int8(g, run, h, S, acch, W, SC, ZR, Z);
-                break;
-            case KV_FMT_INT4:
-#if KV_VL == 1
-                values_int4_flat(g, run, h, S, acch);
-#else
-                values_int4(g, run, h, S, acch, W, SC, ZR, Z);
-#endif
-                break;
-            default:
-                values_float(g, run, h, S, acch);
+            if (softmax_update(g, run, S, m + h * R, l + h * R, acch)) {
+                add_values(g, run, h, S, acch, W, SC, ZR, Z);
+            } else {
+                /* Causal rows that see only part of the run: each row adds
+                 * its visible tokens alone (a masked token's weight is 0,
+                 * but 0 * inf or NaN in its value would still spoil the
+                 * row). */
+                kv_attn_geom g1 = *g;
+                kv_run r1 = *run;
+                int64_t r;
+                g1.rows = 1;
+                for (r = 0; r < R; r++) {
+                    r1.n = (int32_t)row_visible(g, run, r);
+                    if (r1.n > 0) {
+                        add_values(&g1, &r1, h, S + r * MAXRUN, acch + r * D, W, SC, ZR, Z);
+                    }
+                }
             }
         }
     }

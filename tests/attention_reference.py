@@ -23,17 +23,18 @@ def reference_attention(q, keys, values, positions, seq_len, scale=None):
     scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
     k = np.repeat(k, group, axis=1)                       # [B, Hq, N, D]
     v = np.repeat(v, group, axis=1)
-    s = np.einsum("bhtd,bhnd->bhtn", q, k) * scale
-    qpos = seq_len - t_q + np.arange(t_q)
-    visible = np.asarray(positions)[None, :] <= qpos[:, None]   # [t_q, N]
-    s = np.where(visible[None, None], s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    p = np.where(visible[None, None], p, 0.0)
-    den = p.sum(axis=-1, keepdims=True)
-    out = np.einsum("bhtn,bhnd->bhtd", p, v)
-    return np.divide(out, den, out=np.zeros_like(out), where=den > 0)
+    positions = np.asarray(positions)
+    out = np.zeros(q.shape, dtype=np.float64)
+    for i in range(t_q):
+        # Only the keys query i sees take part (a masked key's value, even
+        # NaN or inf, must not reach the row).
+        seen = positions <= seq_len - t_q + i
+        if not seen.any():
+            continue
+        s = np.einsum("bhd,bhnd->bhn", q[:, :, i], k[:, :, seen]) * scale
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        out[:, :, i] = np.einsum("bhn,bhnd->bhd", p, v[:, :, seen]) / p.sum(axis=-1)[..., None]
+    return out
 
 
 def rel_error(got, ref):
