@@ -1170,8 +1170,8 @@ def test_show_runtime(capsys):
     assert _core.backend() in text
     d = kvcache.runtime_info()
     assert d["attention_backend"] == _core.backend()
-        assert d["available_backends"] == _core.available_backends()
-        assert d["compiled_backends"] == _core.compiled_backends()
+    assert d["available_backends"] == _core.available_backends()
+    assert d["compiled_backends"] == _core.compiled_backends()
 
 
 _CHILD = """
