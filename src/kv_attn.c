@@ -120,8 +120,9 @@ int64_t kv_attn_state_floats(const kv_attn_geom *g)
     int64_t R = g->rows, D = g->dim;
     return g->kv_heads * R * (2 + D)                 /* m, l, acc */
            + 2 * R * KV_ATTN_MAX_RUN                 /* S, W */
-           + 2 * KV_ATTN_MAX_RUN * D                 /* SC, ZR */
-           + R * D + R;                              /* QS, Z */
+           + 3 * KV_ATTN_MAX_RUN * D                 /* SC, ZR, TMP */
+           + R * D + R                               /* QS, Z */
+           + 2 * g->kv_heads * R * D;                /* QN_all, QSUM_all */
 }
 
 void kv_attn_state_init(const kv_attn_geom *g, float *state)

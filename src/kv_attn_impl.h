@@ -43,13 +43,34 @@
 
 #define MAXRUN KV_ATTN_MAX_RUN
 
-/* Scratch after the state (floats): scores/probabilities S[rows][MAXRUN],
- * value weights W[rows][MAXRUN], per-token scales and zeros
- * SC/ZR[MAXRUN][dim] (a group count never exceeds dim), the query folded
- * with INT4 key scales QS[rows][dim], and per-row terms Z[rows]. */
-static inline float *scratch_of(const kv_attn_geom *g, float *state)
+/* The kernel's scratch, after the state (kv_attn_state_floats counts it). */
+typedef struct {
+    float *S, *W;        /* [rows][MAXRUN]: scores then probabilities; value weights */
+    float *SC, *ZR;      /* [groups][MAXRUN]: a run's scales and centred zeros (or, for
+                          * INT4 keys, [dim] scales in nibble order and zeros) */
+    float *TMP;          /* [MAXRUN * dim]: converted scales, raw group dot products */
+    float *QS, *Z;       /* [rows][dim] INT4 query folded with scales; [rows] terms */
+    float *QN_all;       /* [heads][rows][dim]: the query in INT4 nibble order */
+    float *QSUM_all;     /* [heads][rows][dim / g8]: query sums per INT8 group */
+    const float *QN, *QSUM;   /* the current head's rows of the two above */
+} kv_scr;
+
+static kv_scr scratch_of(const kv_attn_geom *g, float *state)
 {
-    return state + g->kv_heads * g->rows * (2 + g->dim);
+    int64_t H = g->kv_heads, R = g->rows, D = g->dim;
+    kv_scr x;
+    x.S = state + H * R * (2 + D);
+    x.W = x.S + R * MAXRUN;
+    x.SC = x.W + R * MAXRUN;
+    x.ZR = x.SC + MAXRUN * D;
+    x.TMP = x.ZR + MAXRUN * D;
+    x.QS = x.TMP + MAXRUN * D;
+    x.Z = x.QS + R * D;
+    x.QN_all = x.Z + R;
+    x.QSUM_all = x.QN_all + H * R * D;
+    x.QN = x.QN_all;
+    x.QSUM = x.QSUM_all;
+    return x;
 }
 
 static inline float half_f(uint16_t h)
@@ -275,98 +296,122 @@ KV_ALWAYS void axpy_all(int64_t R, const float *P, float *A, const float *Z, con
 
 /* ------------------------------------------------------------ scores */
 
-/* S[r][j] = q_r . k_j for float keys. */
-KV_ALWAYS void scores_float_k(const kv_attn_geom *g, const kv_run *run, int64_t h,
-                              const float *q, float *S, const int kind)
+/* Raw dot products q_r . x_j over channels [c0, c1), for every row r and
+ * token j < n, into OUT[r][j] (row stride MAXRUN): KV_RS rows per block,
+ * the remainder in one narrower block where it fits. */
+KV_ALWAYS void dots_all(const float *q, int64_t R, int64_t D, const void *k, int64_t n,
+                        int64_t c0, int64_t c1, const int kind, float *OUT)
 {
-    int64_t D = g->dim, R = g->rows, n = run->n, r = 0, j;
-    int64_t first = (h * run->stride + run->off) * D;
-    const void *k = kind == LD_F32 ? (const void *)((const float *)run->base + first)
-                                   : (const void *)((const uint16_t *)run->base + first);
+    int64_t r = 0, j;
     for (; r + KV_RS <= R; r += KV_RS) {
         for (j = 0; j + KV_TB <= n; j += KV_TB) {
-            dot_tb(q + r * D, D, k, j, 0, D, kind, KV_RS, S + r * MAXRUN + j, MAXRUN);
+            dot_tb(q + r * D, D, k, j, c0, c1, kind, KV_RS, OUT + r * MAXRUN + j, MAXRUN);
         }
+    }
+    if (KV_RS > 2 && R - r == 2) {
+        for (j = 0; j + KV_TB <= n; j += KV_TB) {
+            dot_tb(q + r * D, D, k, j, c0, c1, kind, KV_RS > 2 ? 2 : 1, OUT + r * MAXRUN + j,
+                   MAXRUN);
+        }
+        r += 2;
     }
     for (; r < R; r++) {
         for (j = 0; j + KV_TB <= n; j += KV_TB) {
-            dot_tb(q + r * D, D, k, j, 0, D, kind, 1, S + r * MAXRUN + j, MAXRUN);
+            dot_tb(q + r * D, D, k, j, c0, c1, kind, 1, OUT + r * MAXRUN + j, MAXRUN);
         }
     }
     for (r = 0; r < R; r++) {
         for (j = n - n % KV_TB; j < n; j++) {
-            S[r * MAXRUN + j] = dot1(q + r * D, k, j, D, 0, D, kind);
+            OUT[r * MAXRUN + j] = dot1(q + r * D, k, j, D, c0, c1, kind);
         }
     }
 }
 
+/* S[r][j] = q_r . k_j for float keys. */
 static void scores_float(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *q,
                          float *S)
 {
+    int64_t D = g->dim, first = (h * run->stride + run->off) * D;
     if (run->fmt == KV_FMT_F32) {
-        scores_float_k(g, run, h, q, S, LD_F32);
+        dots_all(q, g->rows, D, (const float *)run->base + first, run->n, 0, D, LD_F32, S);
     } else {
-        scores_float_k(g, run, h, q, S, LD_F16);
+        dots_all(q, g->rows, D, (const uint16_t *)run->base + first, run->n, 0, D, LD_F16, S);
     }
 }
 
-/* Per-token group scales and zeros of one half of a quantized run, as
- * float32: SC/ZR[j][grp], the zero moved to the centre of the codes:
- * scale * c + zero = scale * (c - bias) + (zero + bias * scale). */
-static void group_params(const uint16_t *scales, const uint16_t *zeros, int64_t first_group,
-                         int64_t groups_per_token, int64_t n, float bias, float *SC, float *ZR)
+/* float32 of `cnt` consecutive float16 values. */
+static void halves_to_floats(const uint16_t *src, int64_t cnt, float *dst)
 {
-    int64_t i, cnt = n * groups_per_token;
-    for (i = 0; i < cnt; i++) {
-        SC[i] = half_f(scales[first_group + i]);
-        ZR[i] = half_f(zeros[first_group + i]) + bias * SC[i];
+    int64_t i = 0;
+    for (; i + KV_VL <= cnt; i += KV_VL) {
+        vstore(dst + i, vloadh(src + i));
+    }
+    for (; i < cnt; i++) {
+        dst[i] = half_f(src[i]);
     }
 }
 
-static void scores_int8(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *q,
-                        float *S, float *SC, float *ZR, float *QSUM)
+/* A run's per-token group scales and zeros ([token][group] float16 from
+ * `first`) as float32, group-major: SC/ZR[k][j], the zero moved to the
+ * centre of the codes: scale * c + zero = scale * (c - bias) + (zero +
+ * bias * scale). */
+static void group_params(const uint16_t *scales, const uint16_t *zeros, int64_t first,
+                         int64_t ng, int64_t n, float bias, const kv_scr *x)
 {
-    int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n, T = run->stride;
-    int64_t G = g->g8, ng = D / G, nq = 2 * H * T * ng, r, j, c, t, k, nr;
-    const uint8_t *codes = run->base + (h * T + run->off) * D;
-    const uint16_t *scales = (const uint16_t *)(run->base + 2 * H * T * D);
-    float dots[KV_RS * KV_TB];
-    group_params(scales, scales + nq, (h * T + run->off) * ng, ng, n, 128.0f, SC, ZR);
-    for (r = 0; r < R; r++) {                 /* sum(q) per group */
-        for (k = 0; k < ng; k++) {
-            vf a = vzero();
-            for (c = k * G; c < (k + 1) * G; c += KV_VL) {
-                a = vadd(a, vload(q + r * D + c));
-            }
-            QSUM[r * ng + k] = vhsum(a);
-        }
+    int64_t j, k, cnt = n * ng;
+    float *ts = x->TMP, *tz = x->TMP + cnt;
+    halves_to_floats(scales + first, cnt, ng == 1 ? x->SC : ts);
+    halves_to_floats(zeros + first, cnt, ng == 1 ? x->ZR : tz);
+    if (ng > 1) {
         for (j = 0; j < n; j++) {
-            S[r * MAXRUN + j] = 0.0f;
+            for (k = 0; k < ng; k++) {
+                x->SC[k * MAXRUN + j] = ts[j * ng + k];
+                x->ZR[k * MAXRUN + j] = tz[j * ng + k];
+            }
         }
     }
     for (k = 0; k < ng; k++) {
-        for (r = 0; r < R; r += nr) {
-            int rr;
-            nr = R - r >= KV_RS ? KV_RS : 1;
-            for (j = 0; j + KV_TB <= n; j += KV_TB) {
-                if (nr == KV_RS) {
-                    dot_tb(q + r * D, D, codes, j, k * G, (k + 1) * G, LD_I8, KV_RS, dots, KV_TB);
-                } else {
-                    dot_tb(q + r * D, D, codes, j, k * G, (k + 1) * G, LD_I8, 1, dots, KV_TB);
+        float *sc = x->SC + k * MAXRUN, *zr = x->ZR + k * MAXRUN;
+        vf vb = vset1(bias);
+        for (j = 0; j + KV_VL <= n; j += KV_VL) {
+            vstore(zr + j, vfma(vb, vload(sc + j), vload(zr + j)));
+        }
+        for (; j < n; j++) {
+            zr[j] = bias * sc[j] + zr[j];
+        }
+    }
+}
+
+/* INT8 keys: per group, raw dot products with the centred codes, then
+ * S += scale * dot + zero * sum(q) over the group, one vector pass a row. */
+static void scores_int8(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *q,
+                        const kv_scr *x)
+{
+    int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n, T = run->stride;
+    int64_t G = g->g8, ng = D / G, nq = 2 * H * T * ng, r, j, k;
+    const uint8_t *codes = run->base + (h * T + run->off) * D;
+    const uint16_t *scales = (const uint16_t *)(run->base + 2 * H * T * D);
+    group_params(scales, scales + nq, (h * T + run->off) * ng, ng, n, 128.0f, x);
+    for (k = 0; k < ng; k++) {
+        const float *sc = x->SC + k * MAXRUN, *zr = x->ZR + k * MAXRUN;
+        dots_all(q, R, D, codes, n, k * G, (k + 1) * G, LD_I8, x->W);
+        for (r = 0; r < R; r++) {
+            float *Sr = x->S + r * MAXRUN, *Wr = x->W + r * MAXRUN, qs = x->QSUM[r * ng + k];
+            vf vq = vset1(qs);
+            if (k == 0) {
+                for (j = 0; j + KV_VL <= n; j += KV_VL) {
+                    vstore(Sr + j, vfma(vload(sc + j), vload(Wr + j), vmul(vload(zr + j), vq)));
                 }
-                for (rr = 0; rr < nr; rr++) {
-                    float qs = QSUM[(r + rr) * ng + k], *Sr = S + (r + rr) * MAXRUN;
-                    for (t = 0; t < KV_TB; t++) {
-                        Sr[j + t] += SC[(j + t) * ng + k] * dots[rr * KV_TB + t]
-                                     + ZR[(j + t) * ng + k] * qs;
-                    }
+                for (; j < n; j++) {
+                    Sr[j] = sc[j] * Wr[j] + zr[j] * qs;
                 }
-            }
-            for (; j < n; j++) {
-                for (rr = 0; rr < nr; rr++) {
-                    float d = dot1(q + (r + rr) * D, codes, j, D, k * G, (k + 1) * G, LD_I8);
-                    S[(r + rr) * MAXRUN + j] += SC[j * ng + k] * d
-                                                + ZR[j * ng + k] * QSUM[(r + rr) * ng + k];
+            } else {
+                for (j = 0; j + KV_VL <= n; j += KV_VL) {
+                    vstore(Sr + j, vadd(vload(Sr + j), vfma(vload(sc + j), vload(Wr + j),
+                                                             vmul(vload(zr + j), vq))));
+                }
+                for (; j < n; j++) {
+                    Sr[j] += sc[j] * Wr[j] + zr[j] * qs;
                 }
             }
         }
@@ -414,46 +459,64 @@ KV_ALWAYS void dot4_tb(const float *QS, int64_t D, const uint8_t *codes, int64_t
     }
 }
 
+/* INT4 keys (KIVI: per-channel scales across the block's tokens): once per
+ * run, QS_r = q_r * scale in nibble order and Z_r = q_r . (zero + 8 scale);
+ * then S[r][j] = QS_r . (c_j - 8) + Z_r. */
 static void scores_int4(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *q,
-                        float *S, float *QS, float *Z)
+                        const kv_scr *x)
 {
     int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n, T = run->stride;
     int64_t nel = H * T * D, r, j, c;
     const uint8_t *codes = run->base + (h * T + run->off) * D / 2;
     const uint16_t *ks = (const uint16_t *)(run->base + nel / 2) + h * D;
     const uint16_t *kz = (const uint16_t *)(run->base + nel / 2) + H * D + h * D;
-    for (r = 0; r < R; r++) {      /* fold the per-channel scales into the query */
-        float z = 0.0f;
-        for (c = 0; c < D; c++) {
-            float sc = half_f(ks[c]);
-            QS[r * D + nib_slot(c)] = q[r * D + c] * sc;
-            z += q[r * D + c] * (half_f(kz[c]) + 8.0f * sc);
+    float *sc = x->TMP, *ksn = x->SC, *zk = x->ZR;
+    halves_to_floats(ks, D, sc);
+    halves_to_floats(kz, D, zk);
+    for (c = 0; c < D; c++) {
+        ksn[nib_slot(c)] = sc[c];
+    }
+    for (c = 0; c < D; c += KV_VL) {
+        vstore(zk + c, vfma(vset1(8.0f), vload(sc + c), vload(zk + c)));
+    }
+    for (r = 0; r < R; r++) {
+        vf z = vzero();
+        for (c = 0; c < D; c += KV_VL) {
+            vstore(x->QS + r * D + c, vmul(vload(x->QN + r * D + c), vload(ksn + c)));
+            z = vfma(vload(q + r * D + c), vload(zk + c), z);
         }
-        Z[r] = z;
+        x->Z[r] = vhsum(z);
     }
     r = 0;
     for (; r + KV_RS <= R; r += KV_RS) {
         for (j = 0; j + KV_TB <= n; j += KV_TB) {
-            dot4_tb(QS + r * D, D, codes, j, KV_RS, S + r * MAXRUN + j);
+            dot4_tb(x->QS + r * D, D, codes, j, KV_RS, x->S + r * MAXRUN + j);
         }
+    }
+    if (KV_RS > 2 && R - r == 2) {
+        for (j = 0; j + KV_TB <= n; j += KV_TB) {
+            dot4_tb(x->QS + r * D, D, codes, j, KV_RS > 2 ? 2 : 1, x->S + r * MAXRUN + j);
+        }
+        r += 2;
     }
     for (; r < R; r++) {
         for (j = 0; j + KV_TB <= n; j += KV_TB) {
-            dot4_tb(QS + r * D, D, codes, j, 1, S + r * MAXRUN + j);
+            dot4_tb(x->QS + r * D, D, codes, j, 1, x->S + r * MAXRUN + j);
         }
     }
     for (r = 0; r < R; r++) {
-        float *Sr = S + r * MAXRUN;
+        float *Sr = x->S + r * MAXRUN, zr = x->Z[r];
+        const float *qs = x->QS + r * D;
         for (j = 0; j < n - n % KV_TB; j++) {
-            Sr[j] += Z[r];
+            Sr[j] += zr;
         }
         for (; j < n; j++) {
             vf a = vzero(), lo, hi;
             for (c = 0; c < D; c += 2 * KV_VL) {
                 vloadn(codes + (j * D + c) / 2, &lo, &hi);
-                a = vfma(hi, vload(QS + r * D + c + KV_VL), vfma(lo, vload(QS + r * D + c), a));
+                a = vfma(hi, vload(qs + c + KV_VL), vfma(lo, vload(qs + c), a));
             }
-            Sr[j] = vhsum(a) + Z[r];
+            Sr[j] = vhsum(a) + zr;
         }
     }
 }
@@ -473,32 +536,41 @@ static void values_float(const kv_attn_geom *g, const kv_run *run, int64_t h, co
     }
 }
 
-/* W[r][j] = P[r][j] * SC[j][k]; Z[r] = sum_j P[r][j] * ZR[j][k]. */
-static void group_weights(int64_t R, int64_t n, int64_t ng, int64_t k, const float *P,
-                          const float *SC, const float *ZR, float *W, float *Z)
+/* Group k's value weights: W[r][j] = P[r][j] * SC[k][j] and the zeros'
+ * share Z[r] = sum_j P[r][j] * ZR[k][j]. */
+static void group_weights(int64_t R, int64_t n, int64_t k, const float *P, const kv_scr *x)
 {
+    const float *sc = x->SC + k * MAXRUN, *zr = x->ZR + k * MAXRUN;
     int64_t r, j;
     for (r = 0; r < R; r++) {
-        float z = 0.0f;
-        for (j = 0; j < n; j++) {
-            W[r * MAXRUN + j] = P[r * MAXRUN + j] * SC[j * ng + k];
-            z += P[r * MAXRUN + j] * ZR[j * ng + k];
+        const float *Pr = P + r * MAXRUN;
+        float *Wr = x->W + r * MAXRUN;
+        vf z = vzero();
+        float zt = 0.0f;
+        for (j = 0; j + KV_VL <= n; j += KV_VL) {
+            vf p = vload(Pr + j);
+            vstore(Wr + j, vmul(p, vload(sc + j)));
+            z = vfma(p, vload(zr + j), z);
         }
-        Z[r] = z;
+        for (; j < n; j++) {
+            Wr[j] = Pr[j] * sc[j];
+            zt += Pr[j] * zr[j];
+        }
+        x->Z[r] = vhsum(z) + zt;
     }
 }
 
 static void values_int8(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *P,
-                        float *acc, float *W, float *SC, float *ZR, float *Z)
+                        float *acc, const kv_scr *x)
 {
     int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n, T = run->stride;
     int64_t G = g->g8, ng = D / G, nq = 2 * H * T * ng, k;
     const uint8_t *codes = run->base + ((H + h) * T + run->off) * D;
     const uint16_t *scales = (const uint16_t *)(run->base + 2 * H * T * D);
-    group_params(scales, scales + nq, ((H + h) * T + run->off) * ng, ng, n, 128.0f, SC, ZR);
+    group_params(scales, scales + nq, ((H + h) * T + run->off) * ng, ng, n, 128.0f, x);
     for (k = 0; k < ng; k++) {
-        group_weights(R, n, ng, k, P, SC, ZR, W, Z);
-        axpy_all(R, W, acc, Z, codes, D, n, k * G, (k + 1) * G, LD_I8);
+        group_weights(R, n, k, P, x);
+        axpy_all(R, x->W, acc, x->Z, codes, D, n, k * G, (k + 1) * G, LD_I8);
     }
 }
 
@@ -520,24 +592,24 @@ KV_ALWAYS void axpy4_rows(const float *W, float *A, const float *Z, const uint8_
         }
         if (nb == 2) {
             for (j = 0; j < n; j++) {
-                vf x[4];
-                vloadn(codes + (j * D + c) / 2, &x[0], &x[1]);
-                vloadn(codes + (j * D + c) / 2 + KV_VL, &x[2], &x[3]);
+                vf v[4];
+                vloadn(codes + (j * D + c) / 2, &v[0], &v[1]);
+                vloadn(codes + (j * D + c) / 2 + KV_VL, &v[2], &v[3]);
                 KV_UNROLL for (rr = 0; rr < NR; rr++) {
                     vf p = vset1(W[rr * MAXRUN + j]);
                     KV_UNROLL for (u = 0; u < 4; u++) {
-                        a[rr][u] = vfma(p, x[u], a[rr][u]);
+                        a[rr][u] = vfma(p, v[u], a[rr][u]);
                     }
                 }
             }
         } else {
             for (j = 0; j < n; j++) {
-                vf x[2];
-                vloadn(codes + (j * D + c) / 2, &x[0], &x[1]);
+                vf v[2];
+                vloadn(codes + (j * D + c) / 2, &v[0], &v[1]);
                 KV_UNROLL for (rr = 0; rr < NR; rr++) {
                     vf p = vset1(W[rr * MAXRUN + j]);
-                    a[rr][0] = vfma(p, x[0], a[rr][0]);
-                    a[rr][1] = vfma(p, x[1], a[rr][1]);
+                    a[rr][0] = vfma(p, v[0], a[rr][0]);
+                    a[rr][1] = vfma(p, v[1], a[rr][1]);
                 }
             }
         }
@@ -554,16 +626,17 @@ KV_ALWAYS void axpy4_rows(const float *W, float *A, const float *Z, const uint8_
 }
 
 static void values_int4(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *P,
-                        float *acc, float *W, float *SC, float *ZR, float *Z)
+                        float *acc, const kv_scr *x)
 {
     int64_t H = g->kv_heads, D = g->dim, R = g->rows, n = run->n, T = run->stride;
     int64_t nel = H * T * D, G = g->g4, ng = D / G, r, k;
     const uint8_t *vcodes = run->base + nel / 2 + 4 * H * D;
     const uint8_t *codes = vcodes + (h * T + run->off) * D / 2;
     const uint16_t *scales = (const uint16_t *)(vcodes + nel / 2);
-    group_params(scales, scales + nel / G, (h * T + run->off) * ng, ng, n, 8.0f, SC, ZR);
+    group_params(scales, scales + nel / G, (h * T + run->off) * ng, ng, n, 8.0f, x);
     for (k = 0; k < ng; k++) {
-        group_weights(R, n, ng, k, P, SC, ZR, W, Z);
+        const float *W = x->W, *Z = x->Z;
+        group_weights(R, n, k, P, x);
         for (r = 0; r + KV_RV <= R; r += KV_RV) {
             axpy4_rows(W + r * MAXRUN, acc + r * D, Z + r, codes, D, n, k * G, (k + 1) * G,
                        KV_RV);
@@ -703,18 +776,17 @@ static int softmax_update(const kv_attn_geom *g, const kv_run *run, float *S, fl
 /* ------------------------------------------------------------ kernel */
 
 static void add_values(const kv_attn_geom *g, const kv_run *run, int64_t h, const float *P,
-                       float *acc, float *W, float *SC, float *ZR, float *Z)
+                       float *acc, const kv_scr *x)
 {
     switch (run->fmt) {
     case KV_FMT_INT8:
-        values_int8(g, run, h, P, acc, W, SC, ZR, Z);
+        values_int8(g, run, h, P, acc, x);
         break;
     case KV_FMT_INT4:
 #if KV_VL == 1
-        (void)W; (void)SC; (void)ZR; (void)Z;
         values_int4_flat(g, run, h, P, acc);
 #else
-        values_int4(g, run, h, P, acc, W, SC, ZR, Z);
+        values_int4(g, run, h, P, acc, x);
 #endif
         break;
     default:
@@ -722,13 +794,34 @@ static void add_values(const kv_attn_geom *g, const kv_run *run, int64_t h, cons
     }
 }
 
+/* Per call: each head's query sums per INT8 group, and (SIMD variants)
+ * the query in INT4 nibble order. */
+static void prepare_queries(const kv_attn_geom *g, const float *q, kv_scr *x)
+{
+    int64_t nr = g->kv_heads * g->rows, D = g->dim, G = g->g8, ng = D / G, r, k, c;
+    for (r = 0; r < nr; r++) {
+        for (k = 0; k < ng; k++) {
+            float s = 0.0f;
+            for (c = k * G; c < (k + 1) * G; c++) {
+                s += q[r * D + c];
+            }
+            x->QSUM_all[r * ng + k] = s;
+        }
+#if KV_VL > 1
+        for (c = 0; c < D; c++) {
+            x->QN_all[r * D + nib_slot(c)] = q[r * D + c];
+        }
+#endif
+    }
+}
+
 static int64_t attend(const kv_attn_geom *g, const float *q, const kv_run *runs, int64_t nruns,
                       float *state)
 {
     int64_t H = g->kv_heads, R = g->rows, D = g->dim, i, h, lines = 0;
-    float *m = state, *l = m + H * R, *acc = l + H * R, *scr = scratch_of(g, state);
-    float *S = scr, *W = S + R * MAXRUN, *SC = W + R * MAXRUN, *ZR = SC + MAXRUN * D;
-    float *QS = ZR + MAXRUN * D, *Z = QS + R * D;
+    float *m = state, *l = m + H * R, *acc = l + H * R;
+    kv_scr x = scratch_of(g, state);
+    prepare_queries(g, q, &x);
     for (i = 0; i < nruns; i++) {
         const kv_run *run = &runs[i];
         /* Prefetch only where the next run is elsewhere in memory. */
@@ -736,25 +829,27 @@ static int64_t attend(const kv_attn_geom *g, const float *q, const kv_run *runs,
         for (h = 0; h < H; h++) {
             const float *qh = q + h * R * D;
             float *acch = acc + h * R * D;
+            x.QN = x.QN_all + h * R * D;
+            x.QSUM = x.QSUM_all + h * R * (D / g->g8);
             if (pf) {
                 lines += pf_run(g, &runs[i + 1], h);
             }
             switch (run->fmt) {
             case KV_FMT_INT8:
-                scores_int8(g, run, h, qh, S, SC, ZR, QS);
+                scores_int8(g, run, h, qh, &x);
                 break;
             case KV_FMT_INT4:
 #if KV_VL == 1
-                scores_int4_flat(g, run, h, qh, S);
+                scores_int4_flat(g, run, h, qh, x.S);
 #else
-                scores_int4(g, run, h, qh, S, QS, Z);
+                scores_int4(g, run, h, qh, &x);
 #endif
                 break;
             default:
-                scores_float(g, run, h, qh, S);
+                scores_float(g, run, h, qh, x.S);
             }
-            if (softmax_update(g, run, S, m + h * R, l + h * R, acch)) {
-                add_values(g, run, h, S, acch, W, SC, ZR, Z);
+            if (softmax_update(g, run, x.S, m + h * R, l + h * R, acch)) {
+                add_values(g, run, h, x.S, acch, &x);
             } else {
                 /* Causal rows that see only part of the run: each row adds
                  * its visible tokens alone (a masked token's weight is 0,
@@ -767,7 +862,7 @@ static int64_t attend(const kv_attn_geom *g, const float *q, const kv_run *runs,
                 for (r = 0; r < R; r++) {
                     r1.n = (int32_t)row_visible(g, run, r);
                     if (r1.n > 0) {
-                        add_values(&g1, &r1, h, S + r * MAXRUN, acch + r * D, W, SC, ZR, Z);
+                        add_values(&g1, &r1, h, x.S + r * MAXRUN, acch + r * D, &x);
                     }
                 }
             }

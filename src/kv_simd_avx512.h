@@ -8,7 +8,7 @@
 
 #define KV_VL 16
 #define KV_TB 8
-#define KV_RS 2   /* query rows per dot-product block */
+#define KV_RS 3   /* query rows per dot-product block */
 #define KV_RV 4   /* query rows per value block */
 typedef __m512 vf;
 
