@@ -675,18 +675,19 @@ static void scores_int4_flat(const kv_attn_geom *g, const kv_run *run, int64_t h
     const uint16_t *ks = (const uint16_t *)(run->base + nel / 2) + h * D;
     const uint16_t *kz = (const uint16_t *)(run->base + nel / 2) + H * D + h * D;
     for (r = 0; r < R; r++) {
+        /* Sums in double, like the scalar variant's other dot products. */
         const float *qr = q + r * D;
-        float z = 0.0f;
+        vf z = 0.0;
         for (c = 0; c < D; c++) {
-            z += qr[c] * half_f(kz[c]);
+            z += (vf)qr[c] * half_f(kz[c]);
         }
         for (j = 0; j < n; j++) {
-            float a = 0.0f;
+            vf a = 0.0;
             e0 = (h * T + run->off + j) * D;
             for (c = 0; c < D; c++) {
-                a += qr[c] * half_f(ks[c]) * nib(run->base, e0 + c);
+                a += (vf)qr[c] * half_f(ks[c]) * nib(run->base, e0 + c);
             }
-            S[r * MAXRUN + j] = a + z;
+            S[r * MAXRUN + j] = (float)(a + z);
         }
     }
 }
