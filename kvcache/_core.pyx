@@ -817,7 +817,7 @@ cdef class KVStore:
             L.misses += misses
         return out
 
-    def attention(self, layer_idx, q, scale=None, *, out=None, bint prefetch=True):
+    def attention(self, layer_idx, q, scale=None, *, out=None, bint prefetch=False):
         """softmax(q . K^T * scale) . V over every token the layer holds.
 
         ``q`` is [batch, num_q_heads, t_q, head_dim] (float16/32/64;
@@ -830,9 +830,12 @@ cdef class KVStore:
 
         The kernel walks the block tables (no copy of K or V), dequantizes
         INT8/INT4 inside its dot products, keeps an online softmax in
-        float32 and releases the GIL; ``prefetch`` hints each next block
-        while one is computed.  Each token read counts as a hit (full
-        tier) or a miss (compressed) in the stats.
+        float32 and releases the GIL.  ``prefetch=True`` hints the start of
+        each next block that does not follow the current one in memory
+        while the current one is computed; off by default, because on the
+        machines measured so far it never made attention faster (README,
+        "Attention").  Each token read counts as a hit (full tier) or a miss
+        (compressed) in the stats.
         """
         return _attention(self, layer_idx, q, scale, out, prefetch)
 
