@@ -87,6 +87,21 @@ def backend(request):
         _core.set_backend(prev)
 
 
+@pytest.fixture(params=[b for b in COMPILED if b != "scalar"])
+def simd_backend(request):
+    """Like `backend`, over the variants other than the scalar yardstick."""
+    name = request.param
+    if name not in AVAILABLE:
+        pytest.skip(f"backend {name!r} is compiled but this CPU/OS cannot run it "
+                    f"(available: {AVAILABLE})")
+    prev = _core.backend()
+    assert _core.set_backend(name) == name
+    try:
+        yield name
+    finally:
+        _core.set_backend(prev)
+
+
 @pytest.fixture(autouse=True)
 def _backend_restored():
     """Every test leaves the backend as it found it."""
@@ -444,9 +459,8 @@ def dequantized_reference(cache, make_twin, q, scale=None, layer=0):
 @pytest.mark.parametrize("geom", [dict(heads=2, dim=64, group=2), dict(heads=1, dim=128, group=4),
                                   dict(heads=3, dim=80, group=3)],
                          ids=["h2d64g2", "h1d128g4", "h3d80g3"])
-def test_backend_equals_scalar(backend, tier, t_q, geom):
-    if backend == "scalar":
-        pytest.skip("scalar is the yardstick")
+def test_backend_equals_scalar(simd_backend, tier, t_q, geom):
+    backend = simd_backend
     g = np.random.default_rng(21)
     data = tier_data(g, heads=geom["heads"], dim=geom["dim"], lossless=tier == "lossless")
     cache = build_tiered(tier, data, mixed=True)
@@ -462,16 +476,16 @@ def test_backend_equals_scalar(backend, tier, t_q, geom):
 
 # ------------------------------------------- 3. compressed tiers vs dequantized
 
-COMPRESSED = ["int8", "int4", "fp16", LOSSLESS, "adaptive"]
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["all", "mixed"])
 @pytest.mark.parametrize("keep_first", [0, 8, None], ids=["kf0", "kf8", "kfdefault"])
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-@pytest.mark.parametrize("tier", COMPRESSED)
+@pytest.mark.parametrize(("tier", "dtype"), [
+    pytest.param(t, d, marks=pytest.mark.skipif(t == "lossless" and not HAVE_LZ4,
+                                                reason="lossless needs lz4"))
+    for t in ("int8", "int4", "fp16", "lossless", "adaptive") for d in ("float16", "float32")
+    if not (t == "fp16" and d == "float16")])        # FP16 is a float32 store's tier
 def test_compressed_matches_dequantized(backend, tier, dtype, keep_first, mixed):
-    if tier == "fp16" and dtype == "float16":
-        pytest.skip("FP16 does not apply to a float16 store")
     g = np.random.default_rng(31)
     data = tier_data(g, lossless=tier == "lossless")
     kw = dict(keep_first=keep_first, mixed=mixed, block=32)
