@@ -14,7 +14,9 @@
  *   vzip(even, odd, vf *first, vf *second)   interleave lanes
  *   vhsum vhmax          horizontal sum / max
  *   vreduce_tb(vf a[KV_TB], float *out)  out[t] = vhsum(a[t])
- *   vexp                 e^x for x <= 0 (kv_exp_poly below, lane-wise)
+ *   vexp                 e^x for x <= 0 (kv_exp_poly of kv_attn_exp.h, lane-wise)
+ *   KV_RS, KV_RV         query rows per register block of dot products /
+ *                        value sums (sized to the register file)
  * Everything here is static: each variant is its own translation unit and
  * exports one kv_attn_kernel.
  *
@@ -28,10 +30,10 @@
  * once per run, (q * scale) . c + q . zero, and values accumulate codes
  * weighted by p * scale plus p * zero per group.  Codes are centred (c - 128,
  * c - 8, the zero moved by as many scales) so these dot products stay small
- * and float32 cancellation against the zero term costs no precision.
- * INT4 codes are used in
- * the order they are packed (even channels in low nibbles): the query is
- * permuted to match, and value accumulators are re-interleaved once per run.
+ * and float32 cancellation against the zero term costs no precision.  INT4
+ * codes are used in the order they are packed (even channels in low
+ * nibbles): the query is permuted to match once per call, and value
+ * accumulators are re-interleaved once per run.
  */
 #include <math.h>
 #include <stdint.h>
@@ -45,10 +47,11 @@
 
 /* The kernel's scratch, after the state (kv_attn_state_floats counts it). */
 typedef struct {
-    float *S, *W;        /* [rows][MAXRUN]: scores then probabilities; value weights */
+    float *S, *W;        /* [rows][MAXRUN]: scores then probabilities; INT8 raw group
+                          * dot products, then value weights */
     float *SC, *ZR;      /* [groups][MAXRUN]: a run's scales and centred zeros (or, for
                           * INT4 keys, [dim] scales in nibble order and zeros) */
-    float *TMP;          /* [MAXRUN * dim]: converted scales, raw group dot products */
+    float *TMP;          /* [MAXRUN * dim]: float16 scales and zeros being converted */
     float *QS, *Z;       /* [rows][dim] INT4 query folded with scales; [rows] terms */
     float *QN_all;       /* [heads][rows][dim]: the query in INT4 nibble order */
     float *QSUM_all;     /* [heads][rows][dim / g8]: query sums per INT8 group */

@@ -477,7 +477,6 @@ def test_backend_equals_scalar(simd_backend, tier, t_q, geom):
 # ------------------------------------------- 3. compressed tiers vs dequantized
 
 
-
 @pytest.mark.parametrize("mixed", [False, True], ids=["all", "mixed"])
 @pytest.mark.parametrize("keep_first", [0, 8, None], ids=["kf0", "kf8", "kfdefault"])
 @pytest.mark.parametrize(("tier", "dtype"), [
