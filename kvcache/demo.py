@@ -54,6 +54,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="read every layer's K and V back every N tokens (0: never)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .demo_model import add_arguments
+    add_arguments(p)
     return p
 
 
@@ -131,5 +133,8 @@ def report(cache: KVCache, lat_ns: np.ndarray, elapsed: float, tokens: int) -> s
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model:
+        from .demo_model import run_model
+        return run_model(args)
     run(args)
     return 0
