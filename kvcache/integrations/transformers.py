@@ -10,7 +10,7 @@ One line to use the cache::
 and one more to have the model's attention read the blocks where they lie
 instead of materializing K and V every step::
 
-    model.set_attn_implementation("kvcache")   # or from_pretrained(..., attn_implementation="kvcache")
+    model.set_attn_implementation("kvcache")   # or attn_implementation="kvcache" when loading
 
 Options are :class:`kvcache.KVCache`'s: ``dtype`` ("float32" keeps results
 identical to ``DynamicCache``; "float16" halves the memory), ``window`` and
