@@ -41,7 +41,7 @@ try:
     from transformers import AttentionInterface
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "kvcache.integrations.transformers needs torch and transformers: "
@@ -342,7 +342,17 @@ def kvcache_attention_forward(module, query, key, value, attention_mask, dropout
     return torch.from_numpy(out).to(query.dtype).transpose(1, 2), None
 
 
+def kvcache_mask(*args, **kwargs):
+    """The ``"kvcache"`` attention's mask: None when plain causal order by
+    position is all there is to mask (the kernel applies it itself, for a
+    prefill chunk over a non-empty cache too), else SDPA's mask (padding, or
+    a model's sliding/chunked pattern), which sends the call to SDPA."""
+    padding = kwargs.get("attention_mask", args[6] if len(args) > 6 else None)
+    mask_function = kwargs.get("mask_function", args[5] if len(args) > 5 else causal_mask_function)
+    if mask_function is causal_mask_function and (padding is None or bool(padding.all())):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvcache_attention_forward)
-# Masks as SDPA builds them: None when causal order is all there is (the
-# kernel masks by position itself), a tensor when padding must be masked.
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, kvcache_mask)
