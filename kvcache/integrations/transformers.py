@@ -260,7 +260,8 @@ class TransformersKVCache(Cache):
     def crop(self, max_length: int) -> None:
         """Drop positions: a negative value removes that many from the end, a
         positive one keeps the first ``max_length`` (both spellings
-        transformers has used)."""
+        transformers has used); 0 removes nothing (transformers 5 calls
+        ``crop(0)`` when assisted decoding accepts every candidate)."""
         for i in range(self.num_layers):
             self._crop_layer(i, max_length)
 
@@ -268,7 +269,7 @@ class TransformersKVCache(Cache):
         if self.store is None:
             return
         n = self.store.seq_len(layer_idx)
-        keep = n + max_length if max_length < 0 else max_length
+        keep = n + max_length if max_length <= 0 else max_length
         if keep < n:
             self.store.truncate(max(keep, 0), layer_idx)
 
@@ -315,9 +316,13 @@ def _as_numpy(t) -> np.ndarray:
 
 
 def _as_index(idx) -> np.ndarray:
+    """Row indices from an index tensor/sequence or a boolean row mask."""
     if isinstance(idx, torch.Tensor):
         idx = idx.detach().cpu().numpy()
-    return np.asarray(idx, dtype=np.int64)
+    idx = np.asarray(idx)
+    if idx.dtype == bool:
+        return np.flatnonzero(idx)
+    return idx.astype(np.int64)
 
 
 def kvcache_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -327,6 +332,13 @@ def kvcache_attention_forward(module, query, key, value, attention_mask, dropout
     serve the call (another cache, a padding mask, dropout)."""
     tag = getattr(key, "_kvcache", None)
     if tag is None:
+        # Another cache (or none): SDPA on what it returned.  kvcache_mask
+        # left plain causal order unmasked; with more keys than queries SDPA's
+        # is_causal would align them top-left, so the mask is spelled out.
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        if attention_mask is None and 1 < q_len < kv_len:
+            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool,
+                                        device=query.device).tril(kv_len - q_len)
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     cache, layer_idx = tag
