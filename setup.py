@@ -17,6 +17,9 @@ from setuptools import Extension, setup
 
 DEBUG = os.environ.get("KVCACHE_DEBUG") == "1"
 NATIVE = os.environ.get("KVCACHE_NATIVE") == "1"
+# Coverage build (tools/coverage.sh --cython): line tracing, also inside nogil
+# blocks.  Much slower; never for a release build.
+COVERAGE = os.environ.get("KVCACHE_COVERAGE") == "1"
 
 compile_args = []
 if sys.platform != "win32":
@@ -44,7 +47,8 @@ extensions = [
                  "src/kv_attn.c", "src/kv_attn_scalar.c", "src/kv_attn_avx2.c",
                  "src/kv_attn_avx512.c", "src/kv_attn_neon.c"],
         include_dirs=[numpy.get_include(), "include", "src"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+        + ([("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if COVERAGE else []),
         extra_compile_args=compile_args,
         depends=["include/kv_platform.h", "include/kv_tiers.h", "include/kv_attn.h",
                  "src/kv_tiers.c", "src/kv_attn_impl.h", "src/kv_attn_exp.h",
@@ -60,6 +64,7 @@ directives = {
     "cdivision": True,
     "initializedcheck": DEBUG,
     "embedsignature": True,
+    "linetrace": COVERAGE,
 }
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -59,7 +59,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> KVCache:
+def run(args: argparse.Namespace, out=None) -> KVCache:
+    # sys.stdout looked up per call (not bound at import: callers redirect it)
+    out = out if out is not None else sys.stdout
     rng = np.random.default_rng(args.seed)
     total = args.prompt + args.tokens
     if args.window is not None:

@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention: kvcache's kernel over the blocks, or SDPA on copies")
 
 
-def run_model(args: argparse.Namespace, out=sys.stdout) -> int:
+def run_model(args: argparse.Namespace, out=None) -> int:
+    # sys.stdout looked up per call (not bound at import: callers redirect it)
+    out = out if out is not None else sys.stdout
     try:
         import torch
         from transformers import TextStreamer
