@@ -76,6 +76,14 @@ static kv_scr scratch_of(const kv_attn_geom *g, float *state)
     return x;
 }
 
+/* A float16 read through memcpy (INT4 scales may be 2-byte misaligned). */
+static inline uint16_t ld16(const uint16_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
 static inline float half_f(uint16_t h)
 {
     /* Scales and zeros are float16; exact conversion without tables so the
@@ -350,7 +358,7 @@ static void halves_to_floats(const uint16_t *src, int64_t cnt, float *dst)
         vstore(dst + i, vloadh(src + i));
     }
     for (; i < cnt; i++) {
-        dst[i] = half_f(src[i]);
+        dst[i] = half_f(ld16(src + i));
     }
 }
 
@@ -682,13 +690,13 @@ static void scores_int4_flat(const kv_attn_geom *g, const kv_run *run, int64_t h
         const float *qr = q + r * D;
         vf z = 0.0;
         for (c = 0; c < D; c++) {
-            z += (vf)qr[c] * half_f(kz[c]);
+            z += (vf)qr[c] * half_f(ld16(kz + c));
         }
         for (j = 0; j < n; j++) {
             vf a = 0.0;
             e0 = (h * T + run->off + j) * D;
             for (c = 0; c < D; c++) {
-                a += (vf)qr[c] * half_f(ks[c]) * nib(run->base, e0 + c);
+                a += (vf)qr[c] * half_f(ld16(ks + c)) * nib(run->base, e0 + c);
             }
             S[r * MAXRUN + j] = (float)(a + z);
         }
@@ -705,7 +713,8 @@ static void values_int4_flat(const kv_attn_geom *g, const kv_run *run, int64_t h
     for (j = 0; j < n; j++) {
         e0 = (h * T + run->off + j) * D;
         for (c = 0; c < D; c++) {
-            float x = nib(vcodes, e0 + c) * half_f(vs[(e0 + c) / G]) + half_f(vz[(e0 + c) / G]);
+            float x = nib(vcodes, e0 + c) * half_f(ld16(vs + (e0 + c) / G))
+                      + half_f(ld16(vz + (e0 + c) / G));
             for (r = 0; r < R; r++) {
                 acc[r * D + c] += P[r * MAXRUN + j] * x;
             }

@@ -16,7 +16,14 @@ typedef double vf;
 
 static inline vf vzero(void) { return 0.0; }
 static inline vf vset1(float x) { return x; }
-static inline vf vload(const float *p) { return *p; }
+/* Loads through memcpy: a verbatim row or scale after an INT4 payload may sit
+ * at an address its type does not align to (see kv_tiers.c, kv_h16). */
+static inline vf vload(const float *p)
+{
+    float v;
+    memcpy(&v, p, 4);
+    return v;
+}
 static inline void vstore(float *p, vf x) { *p = (float)x; }
 static inline vf vadd(vf a, vf b) { return a + b; }
 static inline vf vmul(vf a, vf b) { return a * b; }
@@ -40,7 +47,9 @@ static inline void vreduce_tb(const vf *a, float *out) { out[0] = (float)a[0]; }
 static inline vf vloadh(const uint16_t *p)
 {
     /* float16 -> float32, exact (same as half_f in the kernel). */
-    uint32_t h = *p, sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, bits;
+    uint16_t raw;
+    memcpy(&raw, p, 2);
+    uint32_t h = raw, sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, bits;
     float f;
     if (e == 0) {
         f = (float)m * (1.0f / 16777216.0f);

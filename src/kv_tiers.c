@@ -225,10 +225,30 @@ static void quant_row(const float *x, int64_t n, float s, float z, float levels,
     }
 }
 
-static void set_range(float lo, float hi, float levels, uint16_t *scale, uint16_t *zero)
+/* A float16 scale or zero inside a payload.  Byte-aligned on purpose: the
+ * INT4 payload's scale arrays follow nibble-packed codes, so they start at
+ * an odd address when a half holds an odd number of code bytes; reads and
+ * writes go through memcpy (one plain load or store on x86). */
+typedef struct {
+    uint8_t b[2];
+} kv_h16;
+
+static inline uint16_t h16_get(kv_h16 x)
 {
-    *zero = kv_float_to_half(lo);
-    *scale = kv_float_to_half((hi - lo) / levels);
+    uint16_t v;
+    memcpy(&v, x.b, 2);
+    return v;
+}
+
+static inline void h16_set(kv_h16 *x, uint16_t v)
+{
+    memcpy(x->b, &v, 2);
+}
+
+static void set_range(float lo, float hi, float levels, kv_h16 *scale, kv_h16 *zero)
+{
+    h16_set(zero, kv_float_to_half(lo));
+    h16_set(scale, kv_float_to_half((hi - lo) / levels));
 }
 
 /* Minimum and maximum of n floats.  LANES independent accumulators: one
@@ -263,7 +283,7 @@ static inline void range_of(const float *row, int64_t n, float *mn, float *mx)
 /* Quantize the contiguous group src[off .. off + n): its scale and zero, and
  * its codes into q[0 .. n).  A group that fits a row is read once. */
 static void encode_group(const void *src, int64_t itemsize, int64_t off, int64_t n,
-                         float levels, uint16_t *scale, uint16_t *zero, uint8_t *q)
+                         float levels, kv_h16 *scale, kv_h16 *zero, uint8_t *q)
 {
     float row[ROW], mn = INFINITY, mx = -INFINITY;
     int64_t c, m;
@@ -271,7 +291,7 @@ static void encode_group(const void *src, int64_t itemsize, int64_t off, int64_t
         load_row(src, off, itemsize, row, n);
         range_of(row, n, &mn, &mx);
         set_range(mn, mx, levels, scale, zero);
-        quant_row(row, n, half_table[*scale], half_table[*zero], levels, q);
+        quant_row(row, n, half_table[h16_get(*scale)], half_table[h16_get(*zero)], levels, q);
         return;
     }
     for (c = 0; c < n; c += ROW) {
@@ -283,7 +303,7 @@ static void encode_group(const void *src, int64_t itemsize, int64_t off, int64_t
     for (c = 0; c < n; c += ROW) {
         m = n - c < ROW ? n - c : ROW;
         load_row(src, off + c, itemsize, row, m);
-        quant_row(row, m, half_table[*scale], half_table[*zero], levels, q + c);
+        quant_row(row, m, half_table[h16_get(*scale)], half_table[h16_get(*zero)], levels, q + c);
     }
 }
 
@@ -328,8 +348,8 @@ void KV_CODEC(kv_decode_fp16)(const kv_shape *s, const uint8_t *in, void *block,
 void KV_CODEC(kv_encode_int8)(const kv_shape *s, const void *block, uint8_t *out)
 {
     int64_t n = 2 * s->heads * s->tokens * s->dim, ng = n / s->g8, g;
-    uint16_t *scales = (uint16_t *)(out + n);
-    uint16_t *zeros = scales + ng;
+    kv_h16 *scales = (kv_h16 *)(out + n);
+    kv_h16 *zeros = scales + ng;
     for (g = 0; g < ng; g++) {
         encode_group(block, s->itemsize, g * s->g8, s->g8, 255.0f, &scales[g], &zeros[g],
                      out + g * s->g8);
@@ -339,16 +359,16 @@ void KV_CODEC(kv_encode_int8)(const kv_shape *s, const void *block, uint8_t *out
 void KV_CODEC(kv_decode_int8)(const kv_shape *s, const uint8_t *in, void *block, int halves)
 {
     int64_t n = s->heads * s->tokens * s->dim, ng = n / s->g8, half, g, c, m, i, e;
-    const uint16_t *scales = (const uint16_t *)(in + 2 * n);
-    const uint16_t *zeros = scales + 2 * ng;
+    const kv_h16 *scales = (const kv_h16 *)(in + 2 * n);
+    const kv_h16 *zeros = scales + 2 * ng;
     float row[ROW], sc, z;
     for (half = 0; half < 2; half++) {
         if (!(halves & (1 << half))) {
             continue;
         }
         for (g = half * ng; g < (half + 1) * ng; g++) {
-            sc = half_table[scales[g]];
-            z = half_table[zeros[g]];
+            sc = half_table[h16_get(scales[g])];
+            z = half_table[h16_get(zeros[g])];
             for (c = 0; c < s->g8; c += ROW) {
                 m = s->g8 - c < ROW ? s->g8 - c : ROW;
                 e = g * s->g8 + c;
@@ -367,7 +387,7 @@ void KV_CODEC(kv_decode_int8)(const kv_shape *s, const uint8_t *in, void *block,
  * of byte e / 2 when e is even, the high nibble when odd. */
 typedef struct {
     uint8_t *kcodes, *vcodes;
-    uint16_t *kscale, *kzero, *vscale, *vzero;
+    kv_h16 *kscale, *kzero, *vscale, *vzero;
 } int4_layout;
 
 static int4_layout int4_parts(const kv_shape *s, uint8_t *p)
@@ -375,10 +395,10 @@ static int4_layout int4_parts(const kv_shape *s, uint8_t *p)
     int64_t n = s->heads * s->tokens * s->dim;
     int4_layout l;
     l.kcodes = p;
-    l.kscale = (uint16_t *)(p + n / 2);
+    l.kscale = (kv_h16 *)(p + n / 2);
     l.kzero = l.kscale + s->heads * s->dim;
     l.vcodes = (uint8_t *)(l.kzero + s->heads * s->dim);
-    l.vscale = (uint16_t *)(l.vcodes + n / 2);
+    l.vscale = (kv_h16 *)(l.vcodes + n / 2);
     l.vzero = l.vscale + n / s->g4;
     return l;
 }
@@ -433,8 +453,8 @@ void KV_CODEC(kv_encode_int4)(const kv_shape *s, const void *block, uint8_t *out
             for (d = 0; d < m; d++) {
                 c = h * D + d0 + d;
                 set_range(lo[d], hi[d], 15.0f, &l.kscale[c], &l.kzero[c]);
-                sc[d] = half_table[l.kscale[c]];
-                z[d] = half_table[l.kzero[c]];
+                sc[d] = half_table[h16_get(l.kscale[c])];
+                z[d] = half_table[h16_get(l.kzero[c])];
             }
             for (t = 0; t < T; t++) {
                 e = (h * T + t) * D + d0;
@@ -485,8 +505,8 @@ void KV_CODEC(kv_decode_int4)(const kv_shape *s, const uint8_t *in, void *block,
             for (d0 = 0; d0 < D; d0 += ROW) {
                 m = D - d0 < ROW ? D - d0 : ROW;
                 for (d = 0; d < m; d++) {        /* this head's channel ranges */
-                    ks[d] = half_table[l.kscale[h * D + d0 + d]];
-                    kz[d] = half_table[l.kzero[h * D + d0 + d]];
+                    ks[d] = half_table[h16_get(l.kscale[h * D + d0 + d])];
+                    kz[d] = half_table[h16_get(l.kzero[h * D + d0 + d])];
                 }
                 for (t = 0; t < T; t++) {
                     e = (h * T + t) * D + d0;
@@ -504,8 +524,8 @@ void KV_CODEC(kv_decode_int4)(const kv_shape *s, const uint8_t *in, void *block,
     }
     if (halves & 2) {
         for (g = 0; g < n / s->g4; g++) {
-            sc = half_table[l.vscale[g]];
-            z = half_table[l.vzero[g]];
+            sc = half_table[h16_get(l.vscale[g])];
+            z = half_table[h16_get(l.vzero[g])];
             e = g * s->g4;
             if (!(e & 1) && !(s->g4 & 1)) {
                 dequant_pairs(l.vcodes, e, s->g4, &sc, &z, 0, row);
