@@ -16,6 +16,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -25,6 +26,10 @@ from kvcache.__main__ import USAGE
 from kvcache.__main__ import main as cli_main
 
 # ------------------------------------------------------------------ dispatch
+
+# Subprocesses run outside the checkout, where `import kvcache` finds the
+# installed package (a regular install builds no core in the source tree).
+_OUTSIDE = tempfile.gettempdir()
 
 
 @pytest.mark.parametrize("argv", [[], ["-h"], ["--help"]])
@@ -44,7 +49,7 @@ def test_unknown_command(capsys):
 
 def test_module_entry_point():
     """``python -m kvcache`` runs the same dispatcher in a fresh interpreter."""
-    r = subprocess.run([sys.executable, "-m", "kvcache", "nope"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "kvcache", "nope"], cwd=_OUTSIDE, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2
     assert "unknown command 'nope'" in r.stderr
@@ -184,7 +189,7 @@ def test_demo_main_simulated():
     # in a fresh interpreter: demo.run() writes to the sys.stdout of import time
     r = subprocess.run([sys.executable, "-m", "kvcache", "demo", "--layers", "1", "--prompt",
                         "0", "--tokens", "4", "--head-dim", "8", "--heads", "1"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, cwd=_OUTSIDE, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "prefill" not in r.stdout                # --prompt 0: no prefill line
     assert "update latency median" in r.stdout
@@ -322,7 +327,7 @@ def test_demo_model_generates_text():
     r = subprocess.run([sys.executable, "-m", "kvcache", "demo", "--model", "smollm2",
                         "--max-new-tokens", "4", "--text", "Say hi.", "--compression", "int8",
                         "--residual", "16", "--window", "256", "--sinks", "4"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, cwd=_OUTSIDE, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "loaded SmolLM2-135M-Instruct" in r.stdout and "(attention: kvcache)" in r.stdout
     assert "user: Say hi.\nassistant: " in r.stdout
