@@ -44,13 +44,14 @@ extensions = [
         # kv_attn_<isa>.c: the attention kernel (src/kv_attn_impl.h) once per
         # ISA, each in its own target region; kv_attn.c dispatches.
         sources=["kvcache/_core.pyx", "src/kv_tiers.c", "src/kv_tiers_avx2.c",
-                 "src/kv_attn.c", "src/kv_attn_scalar.c", "src/kv_attn_avx2.c",
+                 "src/kv_cpu.c", "src/kv_attn.c", "src/kv_attn_scalar.c", "src/kv_attn_avx2.c",
                  "src/kv_attn_avx512.c", "src/kv_attn_neon.c"],
         include_dirs=[numpy.get_include(), "include", "src"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
         + ([("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if COVERAGE else []),
         extra_compile_args=compile_args,
         depends=["include/kv_platform.h", "include/kv_tiers.h", "include/kv_attn.h",
+                 "include/kv_cpu.h",
                  "src/kv_tiers.c", "src/kv_attn_impl.h", "src/kv_attn_exp.h",
                  "src/kv_simd_scalar.h", "src/kv_simd_avx2.h", "src/kv_simd_avx512.h",
                  "src/kv_simd_neon.h", "kvcache/_core.pxd", "kvcache/_attention.pxi"],

@@ -15,6 +15,8 @@
 
 #include <stdint.h>
 
+#include "kv_cpu.h"
+
 /* How the tokens of a run are stored.  The F32/F16 layouts are a block's:
  * keys [heads][stride][dim] then values the same; stride is the block size,
  * or the count of verbatim rows kept after a quantized payload.  INT8 and
@@ -93,18 +95,6 @@ typedef struct {
 extern const kv_attn_kernel *const kv_attn_kernels[];
 /* Whether this CPU (and OS) runs the variant. */
 int kv_attn_runnable(const kv_attn_kernel *k);
-
-/* CPU features, detected once (cpuid + xgetbv on x86: an ISA counts only
- * when the OS saves its registers). */
-enum {
-    KV_CPU_AVX2 = 1 << 0,      /* with FMA and F16C */
-    KV_CPU_AVX512 = 1 << 1,    /* F, BW, DQ, VL */
-    KV_CPU_NEON = 1 << 2,
-    KV_CPU_OS_YMM = 1 << 3,    /* XCR0 saves the AVX state */
-    KV_CPU_OS_ZMM = 1 << 4,    /* XCR0 saves the AVX-512 state */
-    KV_CPU_AVX512_VNNI = 1 << 5
-};
-int kv_cpu_features(void);
 
 /* The bytes a kernel streams for one run, one KV head and one half (0:
  * keys, 1: values): the token rows or codes (a few scale bytes beside them

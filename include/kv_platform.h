@@ -42,6 +42,21 @@
 #endif
 #define KV_PREFETCH(p) KV_PREFETCH_T0(p)
 
+/* KV_TARGET_BEGIN("avx2,fma") ... KV_TARGET_END: compile the functions in
+ * between for an ISA the build's baseline lacks (GCC's target pragma,
+ * Clang's attribute push), so one file carries its ISA and the rest of the
+ * extension stays at the baseline.  Only ISA variant files use it, and only
+ * call into it after a run-time check (kv_cpu.h). */
+#define KV_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#  define KV_TARGET_BEGIN(isa) \
+       KV_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#  define KV_TARGET_END KV_PRAGMA(clang attribute pop)
+#elif defined(__GNUC__)
+#  define KV_TARGET_BEGIN(isa) KV_PRAGMA(GCC push_options) KV_PRAGMA(GCC target(isa))
+#  define KV_TARGET_END KV_PRAGMA(GCC pop_options)
+#endif
+
 /* Block payloads are aligned to a cache line so that a block's rows never
  * share a line with another block's (and later SIMD loads can be aligned). */
 #define KV_ALIGN 64

@@ -58,6 +58,15 @@ typedef struct {
 
 void kv_tiers_init(void);
 
+/* float16 bits -> float32, exact (numpy's conversion), filled once by
+ * kv_tiers_init(); read-only after it, so safe without the GIL. */
+extern float kv_half_table[65536];
+
+static inline float kv_half(uint16_t h)
+{
+    return kv_half_table[h];
+}
+
 float kv_half_to_float(uint16_t h);
 uint16_t kv_float_to_half(float f);
 

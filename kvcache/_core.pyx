@@ -1498,10 +1498,10 @@ cdef object _lz4():
     return _lz4_block
 
 
-# The codec variant in use: the best this CPU and OS run (AVX2+F16C+FMA on
-# x86), chosen once at import; KVCACHE_DISABLE_SIMD=1 forces the scalar one.
-cdef const kv_codec_table *_codecs = kv_codecs_select(
-    os.environ.get("KVCACHE_DISABLE_SIMD", "") not in ("1", "true", "yes"))
+# The codec variant in use (AVX2+F16C+FMA or scalar): chosen with the
+# attention kernel by set_backend(), first by _init_backend() at import
+# (environment overrides included).
+cdef const kv_codec_table *_codecs = kv_codecs_select(0)
 
 
 def codec_backend():

@@ -817,9 +817,10 @@ def _bench_attention(ctx: int, calls: int, rounds: int, progress: bool) -> dict:
 # ---------------------------------------------------------------- prefetch
 
 
-def _fill_contiguous(ctx: int, pre_k: np.ndarray, pre_v: np.ndarray) -> KVCache:
+def fill_contiguous(ctx: int, pre_k: np.ndarray, pre_v: np.ndarray) -> KVCache:
     """30 layers, each filled by one update: a layer's blocks are allocated
-    one after another."""
+    one after another.  (The prefetch section's contiguous layout; asv's
+    Prefetch benchmark builds the same.)"""
     cache = KVCache(LAYERS, HEADS, HEAD_DIM, max_seq_len=ctx, batch_size=BATCH, dtype=DTYPE,
                     overflow="error")
     for layer in range(LAYERS):
@@ -827,7 +828,7 @@ def _fill_contiguous(ctx: int, pre_k: np.ndarray, pre_v: np.ndarray) -> KVCache:
     return cache
 
 
-def _fill_fragmented(ctx: int, pre_k: np.ndarray, pre_v: np.ndarray,
+def fill_fragmented(ctx: int, pre_k: np.ndarray, pre_v: np.ndarray,
                      rng: np.random.Generator) -> KVCache:
     """30 layers whose blocks lie scattered through the heap: the first
     4,096 tokens one at a time in lockstep (a layer's consecutive blocks 30
@@ -962,8 +963,8 @@ def _bench_prefetch(ctx: int, pairs: int, steps: int, progress: bool) -> dict:
     results = {}
     for layout in ("contiguous", "fragmented"):
         t_build = time.perf_counter()
-        cache = (_fill_contiguous(ctx, pre_k, pre_v) if layout == "contiguous" else
-                 _fill_fragmented(ctx, pre_k, pre_v, rng))
+        cache = (fill_contiguous(ctx, pre_k, pre_v) if layout == "contiguous" else
+                 fill_fragmented(ctx, pre_k, pre_v, rng))
         t_build = time.perf_counter() - t_build
         assert np.array_equal(cache.keys(LAYERS - 1), pre_k)
         assert np.array_equal(cache.values(0), pre_v)

@@ -8,25 +8,17 @@
  * and the variant is simply not built.
  */
 #include "kv_attn.h"
+#include "kv_platform.h"
 
 #if KV_BUILD_AVX2
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+KV_TARGET_BEGIN("avx2,fma,f16c")
 
 #define KV_ISA_NAME "avx2"
 #define KV_ATTN_SYM kv_attn_kernel_avx2
 #include "kv_simd_avx2.h"
 #include "kv_attn_impl.h"
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+KV_TARGET_END
 #else
 typedef int kv_attn_avx2_not_built;
 #endif

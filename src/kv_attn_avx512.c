@@ -7,25 +7,17 @@
  * reduction intrinsics; older compilers build no AVX-512 variant.
  */
 #include "kv_attn.h"
+#include "kv_platform.h"
 
 #if KV_BUILD_AVX512
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
-#endif
+KV_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
 
 #define KV_ISA_NAME "avx512"
 #define KV_ATTN_SYM kv_attn_kernel_avx512
 #include "kv_simd_avx512.h"
 #include "kv_attn_impl.h"
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+KV_TARGET_END
 #else
 typedef int kv_attn_avx512_not_built;
 #endif

@@ -18,7 +18,8 @@
  *   KV_RS, KV_RV         query rows per register block of dot products /
  *                        value sums (sized to the register file)
  * Everything here is static: each variant is its own translation unit and
- * exports one kv_attn_kernel.
+ * exports one kv_attn_kernel.  The only global read is kv_tiers.h's float16
+ * table (read-only once kv_tiers_init has run).
  *
  * Per run and KV head the kernel (1) scores the run's tokens for every
  * query row, (2) folds them into the row's online softmax (running max m,
@@ -42,6 +43,7 @@
 #include "kv_attn.h"
 #include "kv_attn_exp.h"
 #include "kv_platform.h"
+#include "kv_tiers.h"
 
 #define MAXRUN KV_ATTN_MAX_RUN
 
@@ -76,31 +78,13 @@ static kv_scr scratch_of(const kv_attn_geom *g, float *state)
     return x;
 }
 
-/* A float16 read through memcpy (INT4 scales may be 2-byte misaligned). */
-static inline uint16_t ld16(const uint16_t *p)
+/* A float16 value read through memcpy (INT4 scales may be 2-byte
+ * misaligned), as float32 through the codecs' table (kv_tiers.h). */
+static inline float ld_half(const uint16_t *p)
 {
     uint16_t v;
     memcpy(&v, p, 2);
-    return v;
-}
-
-static inline float half_f(uint16_t h)
-{
-    /* Scales and zeros are float16; exact conversion without tables so the
-     * kernel stays free of globals.  Normal, subnormal, zero, inf, NaN. */
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, bits;
-    float f;
-    if (e == 0) {
-        f = (float)m * (1.0f / 16777216.0f);        /* m * 2^-24 */
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    } else if (e == 31) {
-        bits = sign | 0x7f800000u | (m << 13);
-    } else {
-        bits = sign | ((e + 112) << 23) | (m << 13);
-    }
-    memcpy(&f, &bits, 4);
-    return f;
+    return kv_half(v);
 }
 
 /* ------------------------------------------------------------ prefetch */
@@ -111,25 +95,7 @@ static inline float half_f(uint16_t h)
  * is where the next block begins.  (Hinting whole blocks measured slower: a
  * burst of hundreds of prefetches fills the miss queues the current block's
  * loads need.) */
-#ifndef KV_PF_BYTES
 #define KV_PF_BYTES 512
-#endif
-
-static inline int64_t pf_span(const void *p, int64_t nbytes)
-{
-#if KV_HAVE_PREFETCH
-    const char *c = (const char *)((uintptr_t)p & ~(uintptr_t)63);
-    const char *end = (const char *)p + (nbytes < KV_PF_BYTES ? nbytes : KV_PF_BYTES);
-    int64_t lines = 0;
-    for (; c < end; c += 64, lines++) {
-        KV_PREFETCH_T0(c);
-    }
-    return lines;
-#else
-    (void)p; (void)nbytes;
-    return 0;
-#endif
-}
 
 static int64_t pf_run(const kv_attn_geom *g, const kv_run *r, int64_t h)
 {
@@ -138,7 +104,7 @@ static int64_t pf_run(const kv_attn_geom *g, const kv_run *r, int64_t h)
     int half;
     for (half = 0; half < 2; half++) {
         kv_run_span(g, r, h, half, &p, &nbytes);
-        lines += pf_span(p, nbytes);
+        lines += kv_prefetch_range(p, nbytes < KV_PF_BYTES ? nbytes : KV_PF_BYTES, KV_PF_BYTES);
     }
     return lines;
 }
@@ -171,7 +137,10 @@ static int follows(const kv_attn_geom *g, const kv_run *a, const kv_run *b)
 #define KV_UNROLL
 #endif
 
-enum { LD_F32, LD_F16, LD_I8 };
+/* How a kernel block reads keys or values: float32, float16, centred INT8
+ * codes, or INT4 codes (two channels a byte, dotted with a query already in
+ * nibble order, KV_VL bytes = 2 * KV_VL channels per step). */
+enum { LD_F32, LD_F16, LD_I8, LD_I4 };
 
 KV_ALWAYS vf ldx(const void *p, int64_t i, const int kind)
 {
@@ -193,15 +162,26 @@ KV_ALWAYS void dot_tb(const float *q, int64_t D, const void *k, int64_t j, int64
             a[rr][t] = vzero();
         }
     }
-    for (c = c0; c < c1; c += KV_VL) {
-        vf qc[KV_RS];
+    for (c = c0; c < c1; c += (kind == LD_I4 ? 2 : 1) * KV_VL) {
+        vf qc[KV_RS], qo[KV_RS];
         KV_UNROLL for (rr = 0; rr < NR; rr++) {
             qc[rr] = vload(q + rr * D + c);
+            if (kind == LD_I4) {
+                qo[rr] = vload(q + rr * D + c + KV_VL);
+            }
         }
         KV_UNROLL for (t = 0; t < KV_TB; t++) {
-            vf x = ldx(k, (j + t) * D + c, kind);
-            KV_UNROLL for (rr = 0; rr < NR; rr++) {
-                a[rr][t] = vfma(x, qc[rr], a[rr][t]);
+            if (kind == LD_I4) {
+                vf lo, hi;
+                vloadn((const uint8_t *)k + ((j + t) * D + c) / 2, &lo, &hi);
+                KV_UNROLL for (rr = 0; rr < NR; rr++) {
+                    a[rr][t] = vfma(hi, qo[rr], vfma(lo, qc[rr], a[rr][t]));
+                }
+            } else {
+                vf x = ldx(k, (j + t) * D + c, kind);
+                KV_UNROLL for (rr = 0; rr < NR; rr++) {
+                    a[rr][t] = vfma(x, qc[rr], a[rr][t]);
+                }
             }
         }
     }
@@ -214,10 +194,15 @@ KV_ALWAYS void dot_tb(const float *q, int64_t D, const void *k, int64_t j, int64
 KV_ALWAYS float dot1(const float *q, const void *k, int64_t j, int64_t D, int64_t c0, int64_t c1,
                      const int kind)
 {
-    vf a = vzero();
+    vf a = vzero(), lo, hi;
     int64_t c;
-    for (c = c0; c < c1; c += KV_VL) {
-        a = vfma(ldx(k, j * D + c, kind), vload(q + c), a);
+    for (c = c0; c < c1; c += (kind == LD_I4 ? 2 : 1) * KV_VL) {
+        if (kind == LD_I4) {
+            vloadn((const uint8_t *)k + (j * D + c) / 2, &lo, &hi);
+            a = vfma(hi, vload(q + c + KV_VL), vfma(lo, vload(q + c), a));
+        } else {
+            a = vfma(ldx(k, j * D + c, kind), vload(q + c), a);
+        }
     }
     return vhsum(a);
 }
@@ -358,7 +343,7 @@ static void halves_to_floats(const uint16_t *src, int64_t cnt, float *dst)
         vstore(dst + i, vloadh(src + i));
     }
     for (; i < cnt; i++) {
-        dst[i] = half_f(ld16(src + i));
+        dst[i] = ld_half(src + i);
     }
 }
 
@@ -438,38 +423,6 @@ static inline int64_t nib_slot(int64_t c)
     return base + (i & 1) * KV_VL + (i >> 1);
 }
 
-/* INT4 key dot products for NR rows and KV_TB tokens: QS holds the queries
- * folded with the per-channel scales, in nibble order. */
-KV_ALWAYS void dot4_tb(const float *QS, int64_t D, const uint8_t *codes, int64_t j, const int NR,
-                       float *out)
-{
-    vf a[KV_RS][KV_TB];
-    int rr, t;
-    int64_t c;
-    KV_UNROLL for (rr = 0; rr < NR; rr++) {
-        KV_UNROLL for (t = 0; t < KV_TB; t++) {
-            a[rr][t] = vzero();
-        }
-    }
-    for (c = 0; c < D; c += 2 * KV_VL) {
-        vf qe[KV_RS], qo[KV_RS];
-        KV_UNROLL for (rr = 0; rr < NR; rr++) {
-            qe[rr] = vload(QS + rr * D + c);
-            qo[rr] = vload(QS + rr * D + c + KV_VL);
-        }
-        KV_UNROLL for (t = 0; t < KV_TB; t++) {
-            vf lo, hi;
-            vloadn(codes + ((j + t) * D + c) / 2, &lo, &hi);
-            KV_UNROLL for (rr = 0; rr < NR; rr++) {
-                a[rr][t] = vfma(hi, qo[rr], vfma(lo, qe[rr], a[rr][t]));
-            }
-        }
-    }
-    KV_UNROLL for (rr = 0; rr < NR; rr++) {
-        vreduce_tb(a[rr], out + rr * MAXRUN);
-    }
-}
-
 /* INT4 keys (KIVI: per-channel scales across the block's tokens): once per
  * run, QS_r = q_r * scale in nibble order and Z_r = q_r . (zero + 8 scale);
  * then S[r][j] = QS_r . (c_j - 8) + Z_r. */
@@ -498,36 +451,11 @@ static void scores_int4(const kv_attn_geom *g, const kv_run *run, int64_t h, con
         }
         x->Z[r] = vhsum(z);
     }
-    r = 0;
-    for (; r + KV_RS <= R; r += KV_RS) {
-        for (j = 0; j + KV_TB <= n; j += KV_TB) {
-            dot4_tb(x->QS + r * D, D, codes, j, KV_RS, x->S + r * MAXRUN + j);
-        }
-    }
-    if (KV_RS > 2 && R - r == 2) {
-        for (j = 0; j + KV_TB <= n; j += KV_TB) {
-            dot4_tb(x->QS + r * D, D, codes, j, KV_RS > 2 ? 2 : 1, x->S + r * MAXRUN + j);
-        }
-        r += 2;
-    }
-    for (; r < R; r++) {
-        for (j = 0; j + KV_TB <= n; j += KV_TB) {
-            dot4_tb(x->QS + r * D, D, codes, j, 1, x->S + r * MAXRUN + j);
-        }
-    }
+    dots_all(x->QS, R, D, codes, n, 0, D, LD_I4, x->S);
     for (r = 0; r < R; r++) {
         float *Sr = x->S + r * MAXRUN, zr = x->Z[r];
-        const float *qs = x->QS + r * D;
-        for (j = 0; j < n - n % KV_TB; j++) {
+        for (j = 0; j < n; j++) {
             Sr[j] += zr;
-        }
-        for (; j < n; j++) {
-            vf a = vzero(), lo, hi;
-            for (c = 0; c < D; c += 2 * KV_VL) {
-                vloadn(codes + (j * D + c) / 2, &lo, &hi);
-                a = vfma(hi, vload(qs + c + KV_VL), vfma(lo, vload(qs + c), a));
-            }
-            Sr[j] = vhsum(a) + zr;
         }
     }
 }
@@ -690,13 +618,13 @@ static void scores_int4_flat(const kv_attn_geom *g, const kv_run *run, int64_t h
         const float *qr = q + r * D;
         vf z = 0.0;
         for (c = 0; c < D; c++) {
-            z += (vf)qr[c] * half_f(ld16(kz + c));
+            z += (vf)qr[c] * ld_half(kz + c);
         }
         for (j = 0; j < n; j++) {
             vf a = 0.0;
             e0 = (h * T + run->off + j) * D;
             for (c = 0; c < D; c++) {
-                a += (vf)qr[c] * half_f(ld16(ks + c)) * nib(run->base, e0 + c);
+                a += (vf)qr[c] * ld_half(ks + c) * nib(run->base, e0 + c);
             }
             S[r * MAXRUN + j] = (float)(a + z);
         }
@@ -713,8 +641,7 @@ static void values_int4_flat(const kv_attn_geom *g, const kv_run *run, int64_t h
     for (j = 0; j < n; j++) {
         e0 = (h * T + run->off + j) * D;
         for (c = 0; c < D; c++) {
-            float x = nib(vcodes, e0 + c) * half_f(ld16(vs + (e0 + c) / G))
-                      + half_f(ld16(vz + (e0 + c) / G));
+            float x = nib(vcodes, e0 + c) * ld_half(vs + (e0 + c) / G) + ld_half(vz + (e0 + c) / G);
             for (r = 0; r < R; r++) {
                 acc[r * D + c] += P[r * MAXRUN + j] * x;
             }

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "kv_attn_exp.h"
+#include "kv_tiers.h"
 #define KV_VL 1
 #define KV_TB 1
 #define KV_RS 1   /* query rows per dot-product block */
@@ -46,22 +47,9 @@ static inline void vreduce_tb(const vf *a, float *out) { out[0] = (float)a[0]; }
 
 static inline vf vloadh(const uint16_t *p)
 {
-    /* float16 -> float32, exact (same as half_f in the kernel). */
-    uint16_t raw;
-    memcpy(&raw, p, 2);
-    uint32_t h = raw, sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, bits;
-    float f;
-    if (e == 0) {
-        f = (float)m * (1.0f / 16777216.0f);
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    } else if (e == 31) {
-        bits = sign | 0x7f800000u | (m << 13);
-    } else {
-        bits = sign | ((e + 112) << 23) | (m << 13);
-    }
-    memcpy(&f, &bits, 4);
-    return f;
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return kv_half(h);
 }
 
 static inline vf vexp(vf x) { return kv_exp_poly((float)x); }

@@ -10,16 +10,15 @@
  * division whose result a select discards run unconditionally; no value
  * changes).
  */
+#include "kv_cpu.h"
 #include "kv_tiers.h"
 
 #include <math.h>
 #include <string.h>
 
-/* Half bits -> float, filled once by kv_tiers_init (the baseline build owns
- * it; an ISA variant of this file reads the same table). */
-#ifdef KV_TIERS_VARIANT
-extern float kv_half_table[65536];
-#else
+/* Half bits -> float (declared in kv_tiers.h), filled once by kv_tiers_init:
+ * the baseline build owns it, an ISA variant of this file reads it. */
+#ifndef KV_TIERS_VARIANT
 float kv_half_table[65536];
 static int half_table_ready = 0;
 #endif
@@ -608,11 +607,8 @@ static const kv_codec_table avx2_codecs = {
 const kv_codec_table *kv_codecs_select(int allow_simd)
 {
 #if KV_HAVE_X86_VARIANTS
-    /* __builtin_cpu_supports also checks that the OS saves the AVX state
-     * (xgetbv), so a CPU with AVX2 under an OS without it gets scalar. */
-    __builtin_cpu_init();
-    if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")
-        && __builtin_cpu_supports("fma")) {
+    /* KV_CPU_AVX2: AVX2, F16C and FMA, with the OS saving the ymm state. */
+    if (allow_simd && (kv_cpu_features() & KV_CPU_AVX2)) {
         return &avx2_codecs;
     }
 #endif

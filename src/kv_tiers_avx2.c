@@ -11,26 +11,18 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kv_platform.h"
 #include "kv_tiers.h"
 
 #if KV_HAVE_X86_VARIANTS
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,f16c,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,f16c,fma")
-#endif
+KV_TARGET_BEGIN("avx2,f16c,fma")
 
 #define KV_TIERS_VARIANT 1
 #undef KV_CODEC
 #define KV_CODEC(name) name##_avx2
 #include "kv_tiers.c"
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+KV_TARGET_END
 #else
 /* Not x86 (or not GCC/Clang): nothing to build; keeps the unit non-empty. */
 typedef int kv_tiers_avx2_unused;

@@ -70,11 +70,9 @@ LOSSLESS = pytest.param("lossless", marks=pytest.mark.skipif(not HAVE_LZ4,
 
 # ---------------------------------------------------------------- helpers
 
-@pytest.fixture(params=COMPILED)
-def backend(request):
-    """Run the test on one compiled kernel variant (skipped where this CPU
-    cannot run it); the variant in use before is restored afterwards."""
-    name = request.param
+def _use_backend(name):
+    """Generator for the backend fixtures: run on kernel variant `name`
+    (skipped where this CPU cannot run it), then restore the one before."""
     if name not in AVAILABLE:
         pytest.skip(f"backend {name!r} is compiled but this CPU/OS cannot run it "
                     f"(available: {AVAILABLE})")
@@ -87,19 +85,16 @@ def backend(request):
         _core.set_backend(prev)
 
 
+@pytest.fixture(params=COMPILED)
+def backend(request):
+    """Run the test on one compiled kernel variant."""
+    yield from _use_backend(request.param)
+
+
 @pytest.fixture(params=[b for b in COMPILED if b != "scalar"])
 def simd_backend(request):
     """Like `backend`, over the variants other than the scalar yardstick."""
-    name = request.param
-    if name not in AVAILABLE:
-        pytest.skip(f"backend {name!r} is compiled but this CPU/OS cannot run it "
-                    f"(available: {AVAILABLE})")
-    prev = _core.backend()
-    assert _core.set_backend(name) == name
-    try:
-        yield name
-    finally:
-        _core.set_backend(prev)
+    yield from _use_backend(request.param)
 
 
 @pytest.fixture(autouse=True)

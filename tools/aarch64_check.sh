@@ -23,7 +23,7 @@ set -u
 
 cd "$(dirname "$0")/.." || exit 2
 
-SRCS="src/kv_attn.c src/kv_attn_scalar.c src/kv_attn_neon.c src/kv_attn_avx2.c \
+SRCS="src/kv_cpu.c src/kv_attn.c src/kv_attn_scalar.c src/kv_attn_neon.c src/kv_attn_avx2.c \
 src/kv_attn_avx512.c src/kv_tiers.c src/kv_tiers_avx2.c"
 FLAGS="-O3 -ffp-contract=off -fno-trapping-math -Iinclude -Isrc"
 CC=${CC:-gcc}
@@ -38,33 +38,35 @@ run() {   # echo a command, then run it
     "$@"
 }
 
+# check LABEL EXE-PREFIX -- COMPILER-AND-FLAGS...: build tools/kernel_check.c
+# with the kernel sources, run it (under EXE-PREFIX, e.g. qemu; "" for none)
+# with this script's arguments, and record a failure of either step.
+check() {
+    local label=$1 prefix=$2 exe="$BUILD_DIR/kernel_check_$1"
+    shift 3
+    # shellcheck disable=SC2086
+    if run "$@" tools/kernel_check.c $SRCS -lm -o "$exe"; then
+        run $prefix "$exe" "${ARGS[@]}"
+        rc=$?
+        echo "$label: exit $rc"
+        [ $rc -eq 0 ] || status=1
+    else
+        echo "$label: BUILD FAILED"
+        status=1
+    fi
+}
+ARGS=("$@")
+
 echo "=== native ($($CC -dumpmachine)) ==="
 # shellcheck disable=SC2086
-if run $CC $FLAGS tools/kernel_check.c $SRCS -lm -o "$BUILD_DIR/kernel_check_native"; then
-    run "$BUILD_DIR/kernel_check_native" "$@"
-    rc=$?
-    echo "native: exit $rc"
-    [ $rc -eq 0 ] || status=1
-else
-    echo "native: BUILD FAILED"
-    status=1
-fi
+check native "" -- $CC $FLAGS
 
 if [ "${SANITIZE:-0}" = 1 ]; then
     echo
     echo "=== native, -fsanitize=address,undefined ==="
     # shellcheck disable=SC2086
-    if run $CC -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
-        -fno-sanitize-recover=undefined -ffp-contract=off -fno-trapping-math -Iinclude -Isrc \
-        tools/kernel_check.c $SRCS -lm -o "$BUILD_DIR/kernel_check_asan"; then
-        run "$BUILD_DIR/kernel_check_asan" "$@"
-        rc=$?
-        echo "sanitized: exit $rc"
-        [ $rc -eq 0 ] || status=1
-    else
-        echo "sanitized: BUILD FAILED"
-        status=1
-    fi
+    check sanitized "" -- $CC -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
+        -fno-sanitize-recover=undefined -ffp-contract=off -fno-trapping-math -Iinclude -Isrc
 fi
 
 if [ "${SKIP_AARCH64:-0}" = 1 ]; then
@@ -88,16 +90,7 @@ else
         status=1
     else
         # shellcheck disable=SC2086
-        if run $CROSS_CC $FLAGS -static tools/kernel_check.c $SRCS -lm \
-            -o "$BUILD_DIR/kernel_check_aarch64"; then
-            run "$QEMU" "$BUILD_DIR/kernel_check_aarch64" "$@"
-            rc=$?
-            echo "aarch64: exit $rc"
-            [ $rc -eq 0 ] || status=1
-        else
-            echo "aarch64: BUILD FAILED"
-            status=1
-        fi
+        check aarch64 "$QEMU" -- $CROSS_CC $FLAGS -static
     fi
 fi
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from kvcache import KVCache
+from kvcache.bench import fill_contiguous, fill_fragmented
 
 from ._common import BATCH, HEAD_DIM, HEADS, LAYERS, built, prefill
 
@@ -184,47 +185,12 @@ class AttentionVsNumpy:
 
 
 def _contiguous(context):
-    """30 layers, each filled by one update: a layer's blocks are allocated
-    one after another."""
-    k, v = prefill(context), _values(context)
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, max_seq_len=context, batch_size=BATCH,
-                    overflow="error")
-    for layer in range(LAYERS):
-        cache.update(layer, k, v, context)
-    return cache
+    return fill_contiguous(context, prefill(context), _values(context))
 
 
 def _fragmented(context):
-    """30 layers whose blocks lie scattered through the heap: the first
-    4,096 tokens appended one at a time to every layer in lockstep (a layer's
-    consecutive blocks 30 blocks apart), the rest block by block with the
-    layers in a fresh random order per block; then every layer is truncated
-    to half (its blocks freed) and refilled block by block in random layer
-    order, reusing the holes."""
-    k, v = prefill(context), _values(context)
-    rng = np.random.default_rng(context)
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, max_seq_len=context, batch_size=BATCH,
-                    overflow="error")
-    upd, bs = cache.update, cache.block_size
-    lock = min(context, 4096)
-    for n in range(1, lock + 1):
-        kk, vv = k[:, :, n - 1:n], v[:, :, n - 1:n]
-        for layer in range(LAYERS):
-            upd(layer, kk, vv, n)
-
-    def blocks(start):
-        for n0 in range(start, context, bs):
-            n1 = min(context, n0 + bs)
-            kk, vv = k[:, :, n0:n1], v[:, :, n0:n1]
-            for layer in rng.permutation(LAYERS):
-                upd(int(layer), kk, vv, n1)
-
-    blocks(lock)
-    half = (context // 2) // bs * bs
-    for layer in rng.permutation(LAYERS):
-        cache.truncate(half, int(layer))
-    blocks(half)
-    return cache
+    return fill_fragmented(context, prefill(context), _values(context),
+                           np.random.default_rng(context))
 
 
 class Prefetch:
