@@ -66,6 +66,7 @@ void kv_attn_finish(const kv_attn_geom *g, const float *state, float *out);
  * covers every geometry). */
 typedef struct {
     const char *name;
+    int needs;         /* the KV_CPU_* features it runs on (0: any CPU) */
     int (*supports)(const kv_attn_geom *g);
     int64_t (*attend)(const kv_attn_geom *g, const float *q, const kv_run *runs,
                       int64_t nruns, float *state);

@@ -83,6 +83,7 @@ cdef extern from "kv_attn.h":
         int prefetch
     ctypedef struct kv_attn_kernel:
         const char *name
+        int needs
         int (*supports)(const kv_attn_geom *g) noexcept nogil
         int64_t (*attend)(const kv_attn_geom *g, const float *q, const kv_run *runs,
                           int64_t nruns, float *state) noexcept nogil

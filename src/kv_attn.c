@@ -35,17 +35,7 @@ const kv_attn_kernel *const kv_attn_kernels[] = {
 
 int kv_attn_runnable(const kv_attn_kernel *k)
 {
-    int f = kv_cpu_features();
-    if (strcmp(k->name, "avx512") == 0) {
-        return (f & KV_CPU_AVX512) != 0;
-    }
-    if (strcmp(k->name, "avx2") == 0) {
-        return (f & KV_CPU_AVX2) != 0;
-    }
-    if (strcmp(k->name, "neon") == 0) {
-        return (f & KV_CPU_NEON) != 0;
-    }
-    return 1;
+    return (kv_cpu_features() & k->needs) == k->needs;
 }
 
 /* ------------------------------------------------------------ state */

@@ -14,6 +14,7 @@
 KV_TARGET_BEGIN("avx2,fma,f16c")
 
 #define KV_ISA_NAME "avx2"
+#define KV_ISA_NEEDS KV_CPU_AVX2
 #define KV_ATTN_SYM kv_attn_kernel_avx2
 #include "kv_simd_avx2.h"
 #include "kv_attn_impl.h"

@@ -13,6 +13,7 @@
 KV_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
 
 #define KV_ISA_NAME "avx512"
+#define KV_ISA_NEEDS KV_CPU_AVX512
 #define KV_ATTN_SYM kv_attn_kernel_avx512
 #include "kv_simd_avx512.h"
 #include "kv_attn_impl.h"

@@ -4,7 +4,8 @@
  * Included by kv_attn_<isa>.c after a kv_simd_<isa>.h that defines:
  *   KV_VL            float lanes per vector (1 for scalar)
  *   KV_TB            tokens whose dot products are reduced together
- *   KV_ISA_NAME      the variant's name; KV_ATTN_SYM its kernel symbol
+ *   KV_ISA_NAME      the variant's name; KV_ATTN_SYM its kernel symbol;
+ *   KV_ISA_NEEDS     the KV_CPU_* features it needs (kv_cpu.h)
  *   vf               the vector type
  *   vzero vset1 vload vstore vadd vmul vmax vfma(a, b, c) = a * b + c
  *   vloadh(uint16_t *)   KV_VL float16 values as float32
@@ -822,4 +823,4 @@ static int supports(const kv_attn_geom *g)
     return g->dim % (2 * KV_VL) == 0 && g->g8 % KV_VL == 0 && g->g4 % (2 * KV_VL) == 0;
 }
 
-const kv_attn_kernel KV_ATTN_SYM = {KV_ISA_NAME, supports, attend};
+const kv_attn_kernel KV_ATTN_SYM = {KV_ISA_NAME, KV_ISA_NEEDS, supports, attend};

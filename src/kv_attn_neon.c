@@ -6,6 +6,7 @@
 
 #if KV_BUILD_NEON
 #define KV_ISA_NAME "neon"
+#define KV_ISA_NEEDS KV_CPU_NEON
 #define KV_ATTN_SYM kv_attn_kernel_neon
 #include "kv_simd_neon.h"
 #include "kv_attn_impl.h"
