@@ -15,6 +15,7 @@ except ImportError as exc:  # pragma: no cover - depends on how it was installed
     raise
 from .cache import DEFAULT_BLOCK_SIZE, KVCache
 from .compression import CompressionStats, CompressionStrategy
+from .fileformat import CacheFormatError
 from .growth import GrowthStrategy
 from .runtime import (
     available_backends,
@@ -27,7 +28,7 @@ from .runtime import (
 )
 from .stats import CacheStats
 
-__all__ = ["KVCache", "GrowthStrategy", "CacheStats", "CacheFullError", "CompressionStrategy",
+__all__ = ["KVCache", "GrowthStrategy", "CacheStats", "CacheFullError", "CacheFormatError", "CompressionStrategy",
            "CompressionStats", "DEFAULT_BLOCK_SIZE", "backend", "available_backends",
            "compiled_backends", "set_backend", "cpu_features", "runtime_info", "show_runtime"]
 __version__ = "0.1.0"

@@ -41,6 +41,10 @@ TIER_INT8 = KV_TIER_INT8
 TIER_INT4 = KV_TIER_INT4
 TIER_LOSSLESS = KV_TIER_LOSSLESS
 ADAPTIVE_TIER = 5
+# Block flags a save file records (kvcache.fileformat).
+FLAG_INCOMPRESSIBLE = KV_FLAG_INCOMPRESSIBLE
+FLAG_ZSTD = KV_FLAG_ZSTD
+TIER_FULL = KV_TIER_FULL
 TIER_NAMES = {KV_TIER_FULL: "full", KV_TIER_FP16: "fp16", KV_TIER_INT8: "int8",
               KV_TIER_INT4: "int4", KV_TIER_LOSSLESS: "lossless"}
 
@@ -1292,6 +1296,140 @@ cdef class KVStore:
                     out[r, j] = _blk(self, L.table[r * L.nblk + j]).tier
         return out
 
+    # ------------------------------------------------------------ save/load
+
+    def _payload_nbytes(self, int tier, int64_t exact):
+        """Bytes of a FP16/INT8/INT4 payload keeping `exact` leading slots
+        verbatim (what a saved block of that tier must hold)."""
+        return self._payload_size(tier, exact)
+
+    def _export(self, layers, int64_t prefix):
+        """What ``save`` writes (see kvcache.fileformat), one layer at a time.
+
+        Returns ``(states, tables, blocks)``: per exported layer ``(n, lo,
+        cap)`` and its block table ([batch, nblk] int32, indices into
+        ``blocks``, -1 where none); per stored block ``(tier, flags,
+        exact_rows, age, bytes)``.  A block shared by several rows is stored
+        once.  With ``prefix >= 0`` the layers are cut to positions
+        ``[0, prefix)`` (the caller checked they are all held).
+
+        Slots holding no held position are written as zeros in full blocks
+        (stale data of truncated or never-written positions stays out of the
+        file).  A compressed block the prefix cuts is decoded and stored full
+        with its tail zeroed: the file holds nothing past the prefix.
+        Compressed blocks otherwise keep their payload byte for byte, so a
+        round trip reads back exactly what the cache read.  Runs with the GIL
+        held throughout: no other thread changes a block meanwhile.
+        """
+        cdef int64_t li, r, j, k, p, end, c, off, n, lo, bs = self.block_size
+        cdef kv_layer *L
+        cdef int32_t bid
+        cdef kv_block *b
+        cdef cnp.ndarray held, tab, plain
+        cdef dict ids = {}
+        cdef list states = [], tables = [], blocks = []
+        cdef double now = self.clock()
+        for li in layers:
+            L = self._layer(li)
+            n = L.n if prefix < 0 else prefix
+            lo = L.lo if prefix < 0 else 0
+            held = np.zeros(L.nblk * bs, dtype=np.bool_)
+            for k in range(2):
+                p = 0 if k == 0 else lo
+                end = _min(self.sinks, lo) if k == 0 else n
+                while p < end:
+                    c = self._run(L, p, end, &j, &off)
+                    held[j * bs + off:j * bs + off + c] = True
+                    p += c
+            tab = np.full((self.batch, L.nblk), -1, dtype=np.int32)
+            for j in range(L.nblk):
+                mask = held[j * bs:(j + 1) * bs]
+                if not mask.any():
+                    continue
+                partial = not mask.all()
+                for r in range(self.batch):
+                    bid = L.table[r * L.nblk + j]
+                    if bid < 0:
+                        raise RuntimeError(f"layer {li} holds a slot without a block")
+                    if bid in ids:
+                        tab[r, j] = ids[bid]
+                        continue
+                    b = _blk(self, bid)
+                    if b.tier == KV_TIER_FULL or (partial and prefix >= 0):
+                        plain = np.empty(self.block_bytes, dtype=np.uint8)
+                        self._decode(bid, <char *>cnp.PyArray_DATA(plain), 3)
+                        if partial:
+                            plain.reshape(2, self.heads, bs, self.row_bytes)[:, :, ~mask] = 0
+                        record = (KV_TIER_FULL, b.flags & KV_FLAG_INCOMPRESSIBLE
+                                  if b.tier == KV_TIER_FULL else 0, 0, plain.tobytes())
+                    else:
+                        record = (b.tier, b.flags & KV_FLAG_ZSTD, b.exact_rows,
+                                  (<char *>b.payload)[:b.payload_bytes])
+                    ids[bid] = tab[r, j] = len(blocks)
+                    blocks.append(record[:3] + (max(0.0, now - b.born), record[3]))
+            states.append((n, lo, L.cap))
+            tables.append(tab)
+        return states, tables, blocks
+
+    def _import(self, list states, list tables, list blocks):
+        """Give a fresh, empty store the state `_export` described, already
+        validated by kvcache.fileformat (every value in range, every table
+        entry a block of this layer, every payload the size its tier needs).
+
+        A MemoryError part way leaves the store unusable but consistent for
+        ``__dealloc__`` (which frees every block): the loader discards it.
+        """
+        cdef Py_ssize_t i, nb = len(blocks)
+        cdef int64_t li, r, j, nbytes, n, lo, cap
+        cdef kv_layer *L
+        cdef kv_block *b
+        cdef int32_t bid, e
+        cdef const uint8_t[::1] buf
+        cdef const int32_t[:, ::1] tab
+        cdef cnp.ndarray bids = np.empty(_max(1, nb), dtype=np.int32)
+        cdef cnp.ndarray placed = np.zeros(_max(1, nb), dtype=np.uint8)
+        cdef int32_t[::1] newid = bids
+        cdef uint8_t[::1] seen = placed
+        cdef uint8_t *payload
+        cdef double now = self.clock()
+        for li in range(self.num_layers):
+            if self.layers[li].n or self.nblocks:
+                raise ValueError("_import needs a fresh store")
+        for li in range(self.num_layers):          # tables first: no block to undo
+            n, lo, cap = states[li]
+            if cap != self.layers[li].cap:
+                PyMem_RawFree(_set_capacity(self, &self.layers[li], cap))
+        for i in range(nb):
+            tier, flags, exact, age, data = blocks[i]
+            buf = data
+            nbytes = buf.shape[0]
+            bid = self._take_block()
+            newid[i] = bid
+            b = _blk(self, bid)
+            if tier == KV_TIER_FULL:
+                memcpy(b.data, &buf[0], self.block_bytes)
+            else:
+                payload = <uint8_t *>PyMem_RawMalloc(nbytes)
+                if payload == NULL:
+                    raise MemoryError(f"cannot allocate a payload of {nbytes} bytes")
+                memcpy(payload, &buf[0], nbytes)
+                self._install(bid, tier, payload, nbytes, exact)
+            b.flags = flags
+            b.born = now - age
+        # ---- nothing below can fail
+        for li in range(self.num_layers):
+            L = &self.layers[li]
+            tab = tables[li]
+            for r in range(self.batch):
+                for j in range(L.nblk):
+                    e = tab[r, j]
+                    if e >= 0:
+                        L.table[r * L.nblk + j] = newid[e]
+                        if seen[e]:                 # _take_block gave the first
+                            _blk(self, newid[e]).refcount += 1
+                        seen[e] = 1
+            L.n, L.lo = states[li][0], states[li][1]
+
     # -------------------------------------------------------------- metrics
 
     def _counters(self):
@@ -1425,6 +1563,10 @@ cdef class KVStore:
         """Call _auto_compress whenever a block leaves the last `residual`
         positions of a layer (-1: never)."""
         self.auto_residual = residual
+
+    property _max_capacity:
+        def __get__(self):
+            return self.max_capacity
 
     def _set_growth(self, bint enabled, int64_t max_capacity):
         self.growth_enabled = enabled

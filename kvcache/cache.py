@@ -203,6 +203,8 @@ class KVCache(KVStore):
                          block_size, sink_tokens, overflow == "ring", bool(metrics),
                          g8, g4, clock)
         self.compression = strategy
+        self.group_size = g4            # as applied (defaults fitted to head_dim)
+        self.int8_group_size = g8
         self.residual_tokens = residual_tokens
         self.keep_first = keep_first
         self.error_budget = float(error_budget)
@@ -381,6 +383,46 @@ class KVCache(KVStore):
         (``None`` where a table entry has no block)."""
         from ._core import TIER_NAMES
         return [[TIER_NAMES.get(int(code)) for code in row] for row in self._block_tiers(layer_idx)]
+
+    # -------------------------------------------------------------- save/load
+
+    def save(self, path, layers=None, prefix: int | None = None) -> int:
+        """Write the cache to ``path`` (see :mod:`kvcache.fileformat`); returns
+        the file's size in bytes.
+
+        ``layers``: the layer indices to save (default all; the others are
+        recorded empty).  ``prefix``: save only positions ``0 .. prefix - 1``
+        of each saved layer (a system prompt's cache, to load and extend
+        later); they must all still be held (not evicted by the ring).
+
+        Compressed blocks are stored as they are, with a CRC-32 per block and
+        for the header.  The write is atomic: a temporary file beside
+        ``path``, flushed and fsynced, renamed over ``path``; a crash leaves
+        the old file or the new one.  Configuration, block ages and the
+        growth policy are saved; statistics counters are not.  Do not update
+        the cache from another thread while it saves.
+        """
+        from .fileformat import save
+        return save(self, path, layers, prefix)
+
+    @classmethod
+    def load(cls, path, mmap: bool = False, *, clock=None) -> KVCache:
+        """A cache read from a file written by :meth:`save`: every position,
+        tier and block age as saved; reads are bit-identical.
+
+        The whole file is validated (sizes against its length, checksums,
+        block tables) before the cache is built; a truncated, corrupted,
+        wrong-version or inconsistent file raises
+        :class:`kvcache.CacheFormatError` naming the problem.  ``mmap=True``
+        reads through a memory map instead of one file-sized buffer (lower
+        peak memory); either way the cache owns copies of its blocks, so the
+        file may change or go once ``load`` returns.  ``clock``: as for the
+        constructor.
+        """
+        if cls is not KVCache:
+            raise TypeError("load builds a KVCache; subclasses are not supported")
+        from .fileformat import load
+        return load(path, mmap=mmap, clock=clock)
 
     # ---------------------------------------------------------------- metrics
 
