@@ -528,6 +528,7 @@ def test_inconsistent_block_index_is_rejected(tmp_path):
         (dict(exact_rows=(q, -1)), "exact_rows"),
         (dict(exact_rows=(f, 1)), "full block"),
         (dict(flags=(q, 4)), "flags"),
+        (dict(tier=(f, int(kvcache.CompressionStrategy.FP16))), "FP16 block in a float16"),
         (dict(age=(q, float("nan"))), "age"),
         (dict(age=(q, -1.0)), "age"),
         (dict(offset=(q, 0)), "back to back"),
