@@ -51,7 +51,7 @@ from .growth import Adaptive, Exponential, Linear
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import KVCache
 
-__all__ = ["CacheFormatError", "FORMAT_VERSION", "MAGIC", "save", "load"]
+__all__ = ["CacheFormatError", "FORMAT_VERSION", "MAGIC", "save", "load", "loads"]
 
 MAGIC = b"KVCACHE\0"
 FORMAT_VERSION = 1
@@ -154,8 +154,9 @@ def _check_prefix(cache: KVCache, layers: list[int], prefix) -> int:
         if prefix > cache.seq_len(li):
             raise ValueError(f"prefix {prefix} is longer than layer {li} "
                              f"({cache.seq_len(li)} positions)")
-        if prefix and held[prefix - 1] != prefix - 1:
-            first_gap = int(np.flatnonzero(held != np.arange(len(held)))[0])
+        if prefix and (prefix > len(held) or held[prefix - 1] != prefix - 1):
+            gaps = np.flatnonzero(held != np.arange(len(held)))
+            first_gap = int(gaps[0]) if gaps.size else len(held)
             raise ValueError(f"prefix {prefix} includes positions layer {li}'s ring already "
                              f"evicted (from {first_gap}); at most {first_gap} can be saved")
     return prefix
@@ -215,6 +216,12 @@ def _write_atomically(path: str, parts) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=directory)
     try:
+        # A new file is readable by its owner only (mkstemp's 0600: it holds a
+        # conversation's state); a file replaced keeps its permissions.
+        try:
+            os.chmod(fd, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
         with os.fdopen(fd, "wb") as f:
             for part in parts:
                 f.write(part)

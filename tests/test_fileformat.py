@@ -262,6 +262,8 @@ def test_prefix_of_a_wrapped_ring_keeps_only_sinks(tmp_path):
     assert np.array_equal(loaded.keys(0), cache.keys(0)[:, :, :4])
     with pytest.raises(ValueError, match="evicted"):
         cache.save(tmp_path / "q", prefix=5)
+    with pytest.raises(ValueError, match="evicted"):
+        cache.save(tmp_path / "q", prefix=80)          # beyond the positions held
     with pytest.raises(ValueError, match="longer than layer"):
         cache.save(tmp_path / "q", prefix=101)
     assert not (tmp_path / "q").exists()
@@ -283,6 +285,15 @@ def test_save_bad_arguments_write_nothing(tmp_path, kwargs, exc):
 
 
 # ------------------------------------------------------------ atomic writes
+
+def test_new_files_are_private_and_replaced_files_keep_their_mode(tmp_path):
+    cache = KVCache(1, 1, 8, max_seq_len=32)
+    cache.save(tmp_path / "c")
+    assert os.stat(tmp_path / "c").st_mode & 0o777 == 0o600
+    os.chmod(tmp_path / "c", 0o640)
+    cache.save(tmp_path / "c")
+    assert os.stat(tmp_path / "c").st_mode & 0o777 == 0o640
+
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "c"

@@ -479,6 +479,41 @@ def test_prompt_lookup_decoding_matches_greedy(smol, lookup_case, attn):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("dtype, compression", [("float32", None), ("float16", "int8")])
+def test_saved_system_prompt_is_reused_across_calls(smol, tmp_path, dtype, compression):
+    """Cache a system prompt once, save only its positions, load it for each
+    new user turn: generation equals running the whole prompt from scratch
+    with the same cache settings."""
+    model, tok = smol
+    system = "You are a concise assistant who answers in one sentence."
+    full = tok.apply_chat_template(
+        [{"role": "system", "content": system},
+         {"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    head = tok.apply_chat_template([{"role": "system", "content": system}],
+                                   return_tensors="pt", return_dict=True)["input_ids"]
+    n = head.shape[1]
+    assert torch.equal(full[:, :n], head)             # the system turn is a prefix
+    options = {} if compression is None else dict(compression=compression,
+                                                  residual_tokens=16, block_size=16)
+    with attention(model, ATTN_IMPLEMENTATION):
+        warm = TransformersKVCache(model.config, dtype=dtype, **options)
+        forward(model, full, warm)                    # a whole first conversation ...
+        warm.save(tmp_path / "system.kvc", prefix=n)  # ... of which the system part is kept
+        fresh = generate(model, full, TransformersKVCache(model.config, dtype=dtype,
+                                                          **options), 16)
+        for _ in range(2):                            # reused twice: the file is unchanged
+            cache = TransformersKVCache.load(tmp_path / "system.kvc", model.config)
+            assert cache.get_seq_length() == n
+            out = generate(model, full, cache, 16)
+            assert torch.equal(out, fresh)
+    wrong = type(model.config)(**{**model.config.to_dict(), "num_hidden_layers": 2})
+    with pytest.raises(ValueError, match="30 layers"):
+        TransformersKVCache.load(tmp_path / "system.kvc", wrong)
+    with pytest.raises(ValueError, match="nothing to save"):
+        TransformersKVCache(model.config).save(tmp_path / "x")
+
+
 def test_reset_then_reuse(smol, prompt):
     model, _ = smol
     cache = TransformersKVCache(model.config, dtype="float32")

@@ -46,7 +46,8 @@ VALGRIND=${VALGRIND:-valgrind}
 command -v "$VALGRIND" >/dev/null || { echo "valgrind_core: FAIL (no valgrind)"; exit 2; }
 
 TESTS=(tests/test_scenarios.py tests/test_bad_input.py tests/test_attention.py
-       -k "not property and not real_data and not backend_equals_scalar and not env_ and not adaptive_real_data and not compressed_matches_dequantized and not threads")
+       tests/test_fileformat.py tests/test_fuzz_loader.py
+       -k "not property and not real_data and not backend_equals_scalar and not env_ and not adaptive_real_data and not compressed_matches_dequantized and not threads and not killed_writer and not leak_nothing")
 [ $# -gt 0 ] && TESTS=("$@")
 
 SUPP=(--suppressions="$REPO/tools/valgrind-python.supp")
@@ -57,6 +58,7 @@ done
 export PYTHONMALLOC=malloc
 export KVCACHE_BACKEND=${KVCACHE_BACKEND:-avx2}
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-dev}
+export KVCACHE_FUZZ_FILES=${KVCACHE_FUZZ_FILES:-2000}   # mutated save files (loader fuzzer)
 export PYTHONDONTWRITEBYTECODE=1
 
 LOG=$(mktemp "${TMPDIR:-/tmp}/valgrind_core.XXXXXX.log")

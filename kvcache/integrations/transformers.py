@@ -285,6 +285,39 @@ class TransformersKVCache(Cache):
         if self.store is not None:
             self.store.reorder_batch(_as_index(indices))
 
+    # ------------------------------------------------------------ save/load
+
+    def save(self, path, prefix: int | None = None) -> int:
+        """Save the held states (:meth:`kvcache.KVCache.save`); ``prefix``:
+        only the first positions, e.g. a system prompt's, to reuse with
+        :meth:`load` across calls and processes.  Returns the file's size."""
+        if self.store is None:
+            raise ValueError("nothing to save: the cache has not been written yet")
+        return self.store.save(path, prefix=prefix)
+
+    @classmethod
+    def load(cls, path, config, *, mmap: bool = False) -> TransformersKVCache:
+        """A cache for the model of ``config`` holding what :meth:`save` wrote
+        (the storage dtype, window, sinks and compression come from the file).
+        Pass it to ``generate`` with the full prompt: generation starts after
+        the positions already held."""
+        store = KVCache.load(path, mmap=mmap)
+        text = _text_config(config)
+        cache = cls(config, dtype=str(store.dtype),
+                    window=(store.max_seq_len - store.sink_tokens
+                            if store.overflow == "ring" else None),
+                    sink_tokens=store.sink_tokens)
+        want = (cache.num_layers, cache.num_kv_heads, cache.head_dim)
+        got = (store.num_layers, store.num_kv_heads, store.head_dim)
+        if want != got:
+            store.close()
+            raise ValueError(f"{path} holds a cache of {got[0]} layers, {got[1]} KV heads, "
+                             f"head_dim {got[2]}; the model "
+                             f"({getattr(text, 'model_type', '?')}) has {want[0]}, {want[1]}, "
+                             f"{want[2]}")
+        cache.store = store
+        return cache
+
     def stats(self):
         """The underlying cache's :class:`kvcache.CacheStats` (None before
         the first update)."""
