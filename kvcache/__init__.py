@@ -28,7 +28,8 @@ from .runtime import (
 )
 from .stats import CacheStats
 
-__all__ = ["KVCache", "GrowthStrategy", "CacheStats", "CacheFullError", "CacheFormatError", "CompressionStrategy",
-           "CompressionStats", "DEFAULT_BLOCK_SIZE", "backend", "available_backends",
-           "compiled_backends", "set_backend", "cpu_features", "runtime_info", "show_runtime"]
+__all__ = ["KVCache", "GrowthStrategy", "CacheStats", "CacheFullError", "CacheFormatError",
+           "CompressionStrategy", "CompressionStats", "DEFAULT_BLOCK_SIZE", "backend",
+           "available_backends", "compiled_backends", "set_backend", "cpu_features",
+           "runtime_info", "show_runtime"]
 __version__ = "0.1.0"

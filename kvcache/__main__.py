@@ -8,7 +8,8 @@ USAGE = """usage: python -m kvcache {demo,bench} [options]
 
   demo    simulate a decode loop with SmolLM2-135M's shapes and print the cache's stats
           (--model smollm2: generate real text with the model, [hf] extra)
-  bench   compare kvcache with numpy baselines measured in the same run
+  bench   compare kvcache with numpy, torch, transformers and blosc2 baselines
+          measured in the same run (those not installed are reported so)
 
 'python -m kvcache COMMAND --help' lists each command's options."""
 

@@ -1,13 +1,15 @@
 """Benchmarks of kvcache against numpy baselines measured in the same run.
 
-Run ``python -m kvcache.bench`` (about 60 s on 2 cores; ``--quick``: about 25 s) or
-``python -m kvcache bench``.  The update, growth and metrics figures are
-printed as ONE table, the attention and prefetch figures as a second one (its
-own columns); ``--json PATH`` also writes every measured number.  The cache
-shape is SmolLM2-135M's: 30 layers, 3 KV heads, head_dim 64, batch 1, float16
+Run ``python -m kvcache.bench`` or ``python -m kvcache bench`` (``--quick``
+for a smoke run).  The update, growth and metrics figures are printed as ONE
+table, the attention and prefetch figures as a second one (its own columns),
+the comparisons with other libraries (transformers and compression) as a
+third; ``--json PATH`` also writes every measured number.  The cache shape is
+SmolLM2-135M's: 30 layers, 3 KV heads, head_dim 64, batch 1, float16
 (attention: 9 query heads over the 3 KV heads, one query token).
 
-Five sections:
+Seven sections (the last two live in ``kvcache.bench_external``; where their
+optional package is missing they are reported as "not installed"):
 
 update
     One-token update of one layer (keys and values) at a given context,
@@ -53,9 +55,20 @@ prefetch
     also with ``cache.prefetch(next layer)`` before each call).  Ratios are
     medians of the paired time ratios; the counters per call are
     ``stats().per_layer[i]["prefetches"]``/``["prefetch_bytes"]``.
+transformers
+    ``KVCache.update`` and ``TransformersKVCache`` against transformers'
+    ``DynamicCache``, ``StaticCache`` and ``QuantizedCache`` (quanto):
+    one layer's one-token update per context (default 1,024 and 4,096) and
+    the memory held at that context, 30 layers.
+compression
+    kvcache's LOSSLESS tier (lz4, zstd) against blosc2 (shuffle/bitshuffle
+    with LZ4/ZSTD) on the real SmolLM2 K/V (``--kv-data``): ratio and
+    encode/decode GB/s, one core.
 
-Ratios ("vs concat", "vs prealloc", "vs numpy") are baseline / kvcache: above
-1 means kvcache is faster or smaller; the attention table's "ratio" column is
+Ratios ("vs concat", "vs prealloc", "vs numpy", "vs baseline") are baseline /
+kvcache: above 1 means kvcache is faster or smaller (for compression ratios
+and GB/s, kvcache / baseline: above 1 means kvcache compresses more or is
+faster); the attention table's "ratio" column is
 a time ratio (below 1: faster).  Only medians and ratios are meaningful on a
 shared machine; single maxima are noisy by nature.
 """
@@ -88,7 +101,8 @@ TOKEN_BYTES = 2 * BATCH * HEADS * HEAD_DIM * np.dtype(DTYPE).itemsize   # K and 
 GROWTH_START = 1024            # initial capacity of the growth runs
 GROWTH_FACTOR = 1.5
 CONCAT_WINDOW = 64             # concatenation restarts from the context every this many tokens
-SECTIONS = ("update", "growth", "metrics", "attention", "prefetch")
+SECTIONS = ("update", "growth", "metrics", "attention", "prefetch", "transformers",
+            "compression")
 
 _PC = time.perf_counter_ns
 
@@ -1270,14 +1284,16 @@ def _parse_contexts(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m kvcache.bench",
-        description="Benchmark kvcache against numpy baselines measured in the same run "
-                    "(SmolLM2-135M shape) and print the tables.")
+        description="Benchmark kvcache against numpy, torch, transformers and blosc2 "
+                    "baselines measured in the same run (SmolLM2-135M shape) and print "
+                    "the tables.")
     p.add_argument("--json", metavar="PATH", help="also write every measured number to PATH")
     p.add_argument("--quick", action="store_true",
                    help="fewer steps and tokens (a few seconds; for smoke tests)")
     p.add_argument("--contexts", type=_parse_contexts, default=None, metavar="N,N,...",
-                   help="contexts of the update rows (default 128,4096,65536) and of the "
-                        "attention and prefetch rows (default 4096,32768)")
+                   help="contexts of the update rows (default 128,4096,65536), of the "
+                        "attention and prefetch rows (default 4096,32768) and of the "
+                        "transformers rows (default 1024,4096)")
     p.add_argument("--tokens", type=int, default=None, metavar="N",
                    help="tokens decoded by the growth rows (default 100000; --quick 20000)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
@@ -1286,6 +1302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--kv-data", metavar="PATH", default=None,
+                   help="the real K/V of the compression section (default $KVCACHE_KV_DATA, "
+                        "else tests/data/smollm2_kv_prose.npz of the checkout)")
     args = p.parse_args(None if argv is None else list(argv))
     quick = args.quick
     steps = args.steps or (300 if quick else 3000)
@@ -1302,6 +1321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     metric_reps = 2000 if quick else 20000
     update_contexts = args.contexts or [128, 4096, 65536]
     attn_contexts = args.contexts or ATTN_CONTEXTS
+    from . import bench_external as ext
+    hf_contexts = args.contexts or ext.HF_CONTEXTS
+    hf_steps = min(steps, 64 if quick else 512)
+    hf_budget = 2.0 if quick else 15.0
+    compression_reps = 3 if quick else 15
+    kv_data = args.kv_data or str(ext.default_kv_data())
 
     t_all = time.perf_counter()
     meta = {"kvcache_version": __version__, "python": platform.python_version(),
@@ -1314,7 +1339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "steps": steps, "tokens": tokens,
                          "concat_budget_s": concat_budget, "concat_tokens": concat_tokens,
                          "concat_window": CONCAT_WINDOW, "metrics_steps": metric_reps,
-                         "growth_start": GROWTH_START, "growth_factor": GROWTH_FACTOR},
+                         "growth_start": GROWTH_START, "growth_factor": GROWTH_FACTOR,
+                         "transformers_contexts": hf_contexts,
+                         "transformers_steps": hf_steps,
+                         "transformers_budget_s": hf_budget,
+                         "compression_reps": compression_reps, "kv_data": kv_data},
             "reference_context": update_contexts[0] if "update" in sections else None,
             "sections": sorted(sections)}
     res: dict = {"meta": meta}
@@ -1357,6 +1386,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             _bench_prefetch(c, 16 if quick else (100 if c <= 8192 else 40),
                             3 if quick else (30 if c <= 8192 else 10), progress)
             for c in attn_contexts]
+    if "transformers" in sections:
+        res["transformers"] = [ext.bench_transformers(c, hf_steps, hf_budget, progress)
+                               for c in hf_contexts]
+        ok = [t for t in res["transformers"] if t["status"] == "ok"]
+        if ok:
+            meta.setdefault("library_versions", {}).update(
+                torch=ok[0]["torch"], transformers=ok[0]["transformers"],
+                **({"optimum-quanto": ok[0]["quantized"]["optimum_quanto"]}
+                   if "optimum_quanto" in ok[0]["quantized"] else {}))
+    if "compression" in sections:
+        res["compression"] = ext.bench_compression(kv_data, compression_reps, progress)
+        if res["compression"].get("blosc2_version"):
+            meta.setdefault("library_versions", {})["blosc2"] = (
+                res["compression"]["blosc2_version"])
     meta["wall_s"] = time.perf_counter() - t_all
     rows = _build_rows(res)
     res["table"] = {"headers": HEADERS, "rows": rows}
@@ -1368,6 +1411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rows:
             print()
         print(_render_attention(attn_rows, meta))
+    ext_rows = ext.build_rows(res)
+    res["baselines_table"] = {"headers": ext.HEADERS, "rows": ext_rows}
+    if ext_rows:
+        if rows or attn_rows:
+            print()
+        print(ext.render(ext_rows, meta))
     print(f"(total {meta['wall_s']:.1f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def test_module_entry_point():
     ("demo", ["--layers", "--growth", "--compression", "--residual", "--read-every",
               "--model", "--max-new-tokens", "--attn"]),
     ("bench", ["--json", "--quick", "--contexts", "--tokens", "--steps", "--no-progress",
-               "--sections"]),
+               "--sections", "--kv-data"]),
 ])
 def test_command_help(command, options, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -260,15 +261,19 @@ def test_bench_rejects_bad_options(argv, message, capsys):
 def test_bench_tiny_run_all_sections(tmp_path, capsys):
     """Every section, tiny sizes: the printed tables and the JSON agree."""
     path = tmp_path / "bench.json"
+    data = Path(__file__).resolve().parent / "data" / "smollm2_kv_prose.npz"
     assert cli_main(["bench", "--quick", "--contexts", "128", "--tokens", "1500",
-                     "--steps", "20", "--no-progress", "--json", str(path)]) == 0
+                     "--steps", "20", "--no-progress", "--kv-data", str(data),
+                     "--json", str(path)]) == 0
     cap = capsys.readouterr()
     res = json.loads(path.read_text())
     assert f"wrote {path}" in cap.err
     meta = res["meta"]
     assert meta["quick"] is True
-    assert meta["sections"] == sorted(["update", "growth", "metrics", "attention", "prefetch"])
+    assert meta["sections"] == sorted(["update", "growth", "metrics", "attention", "prefetch",
+                                       "transformers", "compression"])
     assert meta["settings"]["contexts"] == [128] == meta["settings"]["attention_contexts"]
+    assert meta["settings"]["transformers_contexts"] == [128]
     assert meta["shape"]["layers"] == 30 and meta["reference_context"] == 128
     assert "(total " in cap.out
 
@@ -303,7 +308,14 @@ def test_bench_tiny_run_all_sections(tmp_path, capsys):
     sections_printed = {r[0] for r in res["table"]["rows"]}
     assert {"update", "growth", "metrics"} <= sections_printed
     assert {r[0] for r in res["attention_table"]["rows"]} == {"attention", "prefetch"}
-    for row in res["table"]["rows"] + res["attention_table"]["rows"]:
+    # the optional sections: measured where their package is installed, else a
+    # "not installed" row (tests/test_bench_external.py checks their figures)
+    (t,) = res["transformers"]
+    assert t["context"] == 128
+    assert res["compression"]["status"] == "ok"
+    assert {r[0] for r in res["baselines_table"]["rows"]} == {"transformers", "compression"}
+    for row in (res["table"]["rows"] + res["attention_table"]["rows"]
+                + res["baselines_table"]["rows"]):
         assert row[1] in cap.out, row
 
 
@@ -314,6 +326,7 @@ def test_bench_single_section_prints_one_table(capsys):
     assert "ctx 64 median ns" in out
     assert "growth" not in out and "metrics" not in out
     assert "median us" not in out                    # no attention table
+    assert "against other libraries" not in out      # no baselines table
 
 
 def test_demo_model_generates_text():

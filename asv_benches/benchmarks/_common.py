@@ -1,8 +1,27 @@
-"""Shape and data shared by the benchmark modules (no benchmarks here)."""
+"""Shape and data shared by the benchmark modules (no benchmarks here).
+
+Profiles: ``KVCACHE_ASV_PROFILE=quick`` shrinks the parameter grids (the
+largest contexts left out, a shorter growth decode) so that ``asv run
+--quick`` smoke-tests every benchmark in a couple of minutes
+(``tools/asv_smoke.sh``, CI); unset or ``full``: the grids as written.
+asv hands its environment variables down to the benchmark processes, so the
+discovery and the runs see the same profile.
+"""
 
 import functools
+import os
 
 import numpy as np
+
+PROFILE = os.environ.get("KVCACHE_ASV_PROFILE", "full")
+if PROFILE not in ("full", "quick"):
+    raise ValueError(f"KVCACHE_ASV_PROFILE must be 'full' or 'quick', got {PROFILE!r}")
+QUICK = PROFILE == "quick"
+
+
+def grid(full, quick):
+    """``full`` in the full profile, ``quick`` in the quick one."""
+    return quick if QUICK else full
 
 # SmolLM2-135M
 LAYERS = 30

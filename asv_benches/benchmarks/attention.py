@@ -35,9 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from kvcache import KVCache
-from kvcache.bench import fill_contiguous, fill_fragmented
 
-from ._common import BATCH, HEAD_DIM, HEADS, LAYERS, built, prefill
+try:
+    from kvcache.bench import fill_contiguous, fill_fragmented
+except ImportError:     # a kvcache from before these helpers (asv over history): no Prefetch
+    fill_contiguous = fill_fragmented = None
+
+from ._common import BATCH, HEAD_DIM, HEADS, LAYERS, built, grid, prefill
 
 try:
     from kvcache import _core
@@ -48,6 +52,8 @@ except (ImportError, AttributeError):      # a kvcache without attention
 
 Q_HEADS = 9
 GROUP = Q_HEADS // HEADS
+# 3 MiB and 24 MiB of float16 K+V per layer; quick profile: 4096 only
+CONTEXTS = grid([4096, 32768], [4096])
 SCALE = 1.0 / np.sqrt(HEAD_DIM)
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "tests" / "data"
@@ -93,7 +99,7 @@ def _one_layer(context, tier):
 class Attention:
     params = [
         # context: tokens the layer holds (3 MiB and 24 MiB of float16 K+V)
-        [4096, 32768],
+        CONTEXTS,
         # tier: storage of every block: float16 (the cache dtype), int8 (per
         # token, 64 channels), int4 (KIVI: keys per channel, values per
         # group), dequantized inside the kernel's dot products
@@ -128,7 +134,7 @@ class Attention:
 class AttentionVsNumpy:
     params = [
         # context: as in Attention
-        [4096, 32768],
+        CONTEXTS,
         # formulation: "matmul" = stacked matmuls over the 3 KV heads (each
         # with its 3 query heads); "einsum" = the same with np.einsum;
         # "per_head" = a Python loop of 2-D matmuls, one per KV head
@@ -201,14 +207,16 @@ class Prefetch:
         # layout: "contiguous" = each layer's blocks allocated one after
         # another; "fragmented" = scattered through the heap (see _fragmented)
         ["contiguous", "fragmented"],
-        # context: tokens each of the 30 layers holds
-        [4096, 32768],
+        # context: tokens each of the 30 layers holds (as in Attention)
+        CONTEXTS,
     ]
     param_names = ["prefetch", "layout", "context"]
     timeout = 300
 
     def setup(self, prefetch, layout, context):
         _require_attention()
+        if fill_contiguous is None:
+            raise NotImplementedError("this kvcache has no bench.fill_contiguous")  # skipped
         build = _contiguous if layout == "contiguous" else _fragmented
         self.cache = built(("Prefetch", layout, context), lambda: build(context))
         self.q = _query()

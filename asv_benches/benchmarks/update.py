@@ -36,7 +36,7 @@ import numpy as np
 
 from kvcache import KVCache
 
-from ._common import BATCH, HEAD_DIM, HEADROOM, HEADS, LAYERS, built, prefill, token, warm
+from ._common import BATCH, HEAD_DIM, HEADROOM, HEADS, LAYERS, built, grid, prefill, token, warm
 
 
 def _kvcache(context, dtype):
@@ -109,6 +109,8 @@ def _prealloc(context):
     return step, reset
 
 
+CONTEXTS = grid([128, 4096, 65536], [128, 4096])
+
 _BUILDERS = {
     "kvcache": lambda context: _kvcache(context, "float16"),
     "numpy_concat": _concat,
@@ -119,8 +121,8 @@ _BUILDERS = {
 class Update:
     params = [
         # context: tokens the layer holds before the timed calls (plus the
-        # ones setup writes, see the module docstring)
-        [128, 4096, 65536],
+        # ones setup writes, see the module docstring); quick profile: no 65536
+        CONTEXTS,
         # impl: "kvcache" = KVCache.update; "numpy_concat" = np.concatenate of
         # K and of V (DynamicCache-like); "numpy_prealloc" = slice assignment
         # into preallocated K and V buffers (StaticCache-like)
@@ -148,7 +150,7 @@ class UpdateDtype:
 
     params = [
         # context: as in Update
-        [128, 4096, 65536],
+        CONTEXTS,
         # dtype: storage dtype of the cache, and of the k/v given to it
         ["float16", "float32"],
     ]
