@@ -416,7 +416,7 @@ cdef class KVStore:
                             int64_t a1, int64_t b1) except -1:
         """Give every slot of positions [a0, b0) and [a1, b1), in every row, a
         full-precision block of its own (refcount 1).  All-or-nothing: on
-        MemoryError no table entry changes."""
+        an exception (MemoryError, the clock) no table entry changes."""
         cdef int64_t p, c, j, off, r, need = 0, used = 0, i, rng, a, b
         cdef int32_t bid, old
         cdef int32_t *row
@@ -463,7 +463,7 @@ cdef class KVStore:
                 for i in range(need):
                     ids[i] = self._take_block()
                     used += 1
-            except MemoryError:
+            except BaseException:          # MemoryError, or a clock that raised
                 for i in range(used):
                     self._release_block(ids[i])
                 if ids != stack_ids:
@@ -667,6 +667,12 @@ cdef class KVStore:
                 cap = L.cap
             grow_seconds = perf_counter() - grow_seconds
         lo_new = lo_t
+        # Busy from the first table change to the last byte copied: the
+        # compressor (a background worker, or compress_old_entries on another
+        # thread) installs nothing over this layer's blocks meanwhile.  Needed
+        # even for small writes: decoding a LOSSLESS block in _ensure_blocks
+        # releases the GIL while fresh, still unwritten blocks sit in the table.
+        L.busy += 1
         try:
             if held_after > cap:
                 if not self.ring:
@@ -683,13 +689,14 @@ cdef class KVStore:
             b0 = _max(start, _min(m, _min(S, lo_new)))
             a1 = _max(start, lo_new)
             b1 = m
-            self._ensure_blocks(L, a0, b0, a1, b1)      # may raise MemoryError
-            # Blocks written again get a new age; read the clock now, before
-            # the commit, so that a failing clock changes nothing.
+            # Blocks written again get a new age; read the clock first, before
+            # any block changes, so that a failing clock changes nothing.
             if start < n_t or (evicted and self.track_ages
                                and self._touches(L, a1, b1, True)):
                 now = self.clock()
+            self._ensure_blocks(L, a0, b0, a1, b1)      # may raise MemoryError
         except BaseException:
+            L.busy -= 1
             if old_table != NULL:                # undo the growth
                 _restore_table(self, L, old_table, old_cap, old_nblk)
             raise
@@ -709,12 +716,11 @@ cdef class KVStore:
             self._release_unheld(L)
         if written:
             if written * self.batch * self.heads * self.row_bytes * 2 > NOGIL_COPY_BYTES:
-                L.busy += 1
                 with nogil:
                     _scatter_kv(self, L, ka, va, start, a0, b0, a1, b1)
-                L.busy -= 1
             else:
                 _scatter_kv(self, L, ka, va, start, a0, b0, a1, b1)
+        L.busy -= 1
         if start < n_t:
             self._touch(L, start, n_t, False, now)   # rewritten in place: young again
         if evicted and self.track_ages:
@@ -892,10 +898,15 @@ cdef class KVStore:
         cdef kv_layer *L
         cdef int32_t **tables
         try:
-            idx_arr = np.ascontiguousarray(indices)
+            idx_arr = np.asarray(indices)   # not ascontiguousarray: it makes a scalar 1-D
         except Exception as exc:
             raise TypeError(f"indices must be a 1-D sequence of integers, "
                             f"got {type(indices).__name__}") from exc
+        if idx_arr.dtype == object and idx_arr.ndim == 1 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in idx_arr):
+            # Python ints beyond int64: out of range, not of the wrong type.
+            raise IndexError(f"indices must be in [0, {self.batch}), got values from "
+                             f"{min(idx_arr)} to {max(idx_arr)}")
         if idx_arr.ndim != 1 or (idx_arr.size and idx_arr.dtype.kind not in "iu"):
             raise TypeError(f"indices must be a 1-D sequence of integers, "
                             f"got dtype {idx_arr.dtype} and shape {np.shape(idx_arr)}")
@@ -904,10 +915,11 @@ cdef class KVStore:
             raise ValueError("indices must select at least one row")
         if nb > (1 << 20):
             raise ValueError(f"indices select {nb} rows; at most {1 << 20} are allowed")
-        idx_arr = idx_arr.astype(np.int64)
+        # Compare before converting: uint64 values past int64 would wrap.
         if idx_arr.min() < 0 or idx_arr.max() >= self.batch:
             raise IndexError(f"indices must be in [0, {self.batch}), got values from "
                              f"{idx_arr.min()} to {idx_arr.max()}")
+        idx_arr = np.ascontiguousarray(idx_arr, dtype=np.int64)
         idx = <const int64_t *>cnp.PyArray_DATA(idx_arr)
         # Allocate every new table first: all-or-nothing.
         tables = <int32_t **>PyMem_RawMalloc(_max(1, self.num_layers) * sizeof(int32_t *))
@@ -999,9 +1011,17 @@ cdef class KVStore:
                             queued.add(bid)
                             batch.append((bid, exact))
                         continue
+                    if L.busy:
+                        # A write began while the previous block was encoded
+                        # without the GIL.  Pinning now would raise a refcount
+                        # the write has already planned its new blocks by.
+                        results.append(("busy", li, 0, 0))
+                        break
                     res = self._compress_block(L, bid, tier, budget, exact)
                     if res is not None:
                         results.append(res)
+                if L.busy and tier not in (KV_TIER_FP16, KV_TIER_INT8, KV_TIER_INT4):
+                    break
             if batch:
                 results.extend(self._compress_batch(L, batch, tier))
                 batch = []

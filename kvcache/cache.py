@@ -8,6 +8,7 @@ import math
 import numbers
 import operator
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -210,6 +211,9 @@ class KVCache(KVStore):
         self.error_budget = float(error_budget)
         self.auto_compress = bool(auto_compress)
         self._auto_stats = CompressionStats()
+        # Guards the Python-side counters (growth, automatic compression):
+        # threads growing or compressing different layers update them at once.
+        self._counter_lock = threading.Lock()
         self.auto_compression_errors: list = []
         self._freed_since_trim = 0
         self._background = BackgroundCompressor(self) if background else None
@@ -271,9 +275,11 @@ class KVCache(KVStore):
 
     def _growth_done(self, layer_idx: int, old_cap: int, new_cap: int, seconds: float) -> None:
         if self.metrics_enabled:
-            self._growths += 1
-            self._growth_bytes += (new_cap - old_cap) * self.token_bytes
-            self._growth_seconds += seconds
+            grown = (new_cap - old_cap) * self.token_bytes
+            with self._counter_lock:
+                self._growths += 1
+                self._growth_bytes += grown
+                self._growth_seconds += seconds
         logger.info("kvcache: layer %d capacity %d -> %d tokens (%.1f us)",
                     layer_idx, old_cap, new_cap, seconds * 1e6)
 
@@ -349,7 +355,8 @@ class KVCache(KVStore):
                                  math.inf, self.error_budget, (layer_idx,))
         if results:
             done = CompressionStats.from_results(results, time.perf_counter() - t0)
-            self._auto_stats = self._auto_stats + done
+            with self._counter_lock:
+                self._auto_stats = self._auto_stats + done
             # Hand freed blocks back to the OS now and then (a trim walks the
             # heaps: about a millisecond; once per 16 MiB keeps it rare).
             self._freed_since_trim += done.bytes_before - done.bytes_after
@@ -452,9 +459,10 @@ class KVCache(KVStore):
     def reset_stats(self) -> None:
         """Zero every counter (gauges such as memory are not counters)."""
         self._reset_counters()
-        self._growths = 0
-        self._growth_bytes = 0
-        self._growth_seconds = 0.0
+        with self._counter_lock:
+            self._growths = 0
+            self._growth_bytes = 0
+            self._growth_seconds = 0.0
 
     def __repr__(self) -> str:
         return (f"KVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, "
