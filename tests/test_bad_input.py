@@ -682,12 +682,13 @@ assert wide.batch_size == 1
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="needs RLIMIT_AS and /proc/self/statm (Linux)")
-def test_absurd_capacities_raise_memory_error():
+def test_absurd_capacities_raise_memory_error(tmp_path):
     """Capacities the validation allows but no memory holds raise MemoryError
     (never an abort), and a failed growth leaves the cache as it was.  Run in
-    a subprocess under an address-space limit, so nothing large is allocated."""
+    a subprocess under an address-space limit, so nothing large is allocated
+    (outside the checkout, whose unbuilt source tree `python -c` would import)."""
     proc = subprocess.run([sys.executable, "-c", _ABSURD], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     for name in ("capacity", "layers", "rows", "growth68719476736"):
