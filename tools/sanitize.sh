@@ -30,7 +30,8 @@
 # the core are checked by tools/valgrind_core.sh (definite leaks only) instead.
 #
 # Tests: the whole suite except tests/test_transformers.py (needs torch and a
-# model; not a C-extension test).  HYPOTHESIS_PROFILE defaults to "dev" (20
+# model; not a C-extension test), tests/test_bench_external.py and one
+# test that needs plain malloc (see the pytest line below).  HYPOTHESIS_PROFILE defaults to "dev" (20
 # examples per property instead of the CI profile's 500): under ASan the
 # "ci" profile takes ~3x the normal run time; the dev profile still runs
 # every test function and every code path the properties reach, at the cost
@@ -80,8 +81,11 @@ if ! (cd "$SRC" && CC=$CC KVCACHE_DEBUG=${SANITIZE_DEBUG:-1} \
 fi
 SO=$(ls "$SRC"/kvcache/_core*.so 2>/dev/null | head -1)
 [ -n "$SO" ] || fail "no extension built"
-ldd "$SO" | grep -q libasan || fail "$SO is not linked against libasan"
-ldd "$SO" | grep -q libubsan || fail "$SO is not linked against libubsan"
+# (ldd's output captured first: with pipefail, `ldd | grep -q` fails whenever
+# grep quits early and ldd dies of SIGPIPE.)
+deps=$(ldd "$SO")
+grep -q libasan <<< "$deps" || fail "$SO is not linked against libasan"
+grep -q libubsan <<< "$deps" || fail "$SO is not linked against libubsan"
 build_done=$(date +%s)
 echo "built $SO in $((build_done - start)) s"
 
@@ -110,6 +114,16 @@ mkdir -p "$WORK/plugin"
 cat > "$WORK/plugin/kvcache_sanitized_check.py" <<EOF
 import pytest
 
+import sys
+
+# torch (and what builds on it: transformers, optimum-quanto) is left out:
+# its C++ exceptions abort in the __cxa_throw interceptor of a preloaded
+# libasan ("CHECK failed: asan_interceptors.cpp ... real___cxa_throw"), and
+# it is not this build's code.  Importing it raises ImportError here, so the
+# tests take their "not installed" paths (the regular run covers the rest).
+for _name in ("torch", "transformers", "optimum", "optimum.quanto"):
+    sys.modules[_name] = None
+
 def pytest_sessionstart(session):
     import kvcache._core as c
     where = c.__file__
@@ -121,8 +135,15 @@ export PYTHONPATH=$WORK/plugin:$PYTHONPATH
 
 echo "=== pytest (HYPOTHESIS_PROFILE=$HYPOTHESIS_PROFILE, ASAN_OPTIONS=$ASAN_OPTIONS) ==="
 # cd into the copy: its pyproject supplies addopts/pythonpath, its tests run.
+# Left out: the transformers tests and the comparisons with torch, quanto and
+# blosc2 (third-party C/C++, not this build's code; torch is hidden, above),
+# and the absurd-capacity test, which needs malloc itself to fail under an
+# address-space limit (ASan's allocator reserves and maps differently: the
+# child is killed instead).
 (cd "$SRC" && "$PY" -m pytest -p kvcache_sanitized_check -p no:cacheprovider -q --capture=sys \
-    --ignore=tests/test_transformers.py "$@") 2>&1 | tee "$LOG"
+    --ignore=tests/test_transformers.py --ignore=tests/test_bench_external.py \
+    --deselect tests/test_bad_input.py::test_absurd_capacities_raise_memory_error \
+    "$@") 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 end=$(date +%s)
 
@@ -131,9 +152,16 @@ end=$(date +%s)
 reports=0
 for f in "$WORK"/san/*; do
     [ -e "$f" ] || continue
-    reports=$((reports + 1))
     echo "=== sanitizer report $(basename "$f") ==="
     cat "$f"
+    # allocator_may_return_null=1 logs a warning for each allocation it refused
+    # (tests/test_bad_input.py asks for absurd capacities on purpose and checks
+    # the MemoryError); a log with nothing else in it is not a finding.
+    if grep -v -q -E "^[[:space:]]*$|^(==[0-9]+==)?WARNING: AddressSanitizer failed to allocate" "$f"; then
+        reports=$((reports + 1))
+    else
+        echo "(only refused allocations: allocator_may_return_null at work, not a finding)"
+    fi
 done
 reports=$((reports + $(grep -c -E "ERROR: AddressSanitizer|runtime error:" "$LOG")))
 echo "build $((build_done - start)) s, tests $((end - build_done)) s, total $((end - start)) s"
