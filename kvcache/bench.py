@@ -1085,6 +1085,18 @@ HEADERS = ["section", "case", "kvcache", "numpy concat", "numpy prealloc", "vs c
            "vs prealloc", "kv t/t(ref)", "note"]
 
 
+def _grouped(rows, line, rule, key=lambda r: r[0]) -> list[str]:
+    """The table's body: each row through ``line``, a ``rule`` between groups
+    of rows (a change of ``key``) and after the last."""
+    out, prev = [], None
+    for r in rows:
+        if prev is not None and key(r) != prev:
+            out.append(rule)
+        out.append(line(r))
+        prev = key(r)
+    return out + [rule]
+
+
 def _render(rows: list[list[str]], meta: dict) -> str:
     ref = meta.get("reference_context")
     headers = HEADERS[:7] + [f"kv t/t({ref})" if ref is not None else HEADERS[7]] + HEADERS[8:]
@@ -1105,13 +1117,7 @@ def _render(rows: list[list[str]], meta: dict) -> str:
             f"~{meta['timer_overhead_ns']:.0f} ns, included); ratios = baseline / kvcache "
             "(> 1: kvcache faster or smaller)"),
            rule, line(headers), rule]
-    prev = None
-    for r in rows:
-        if prev is not None and r[0] != prev:
-            out.append(rule)
-        out.append(line(r))
-        prev = r[0]
-    out.append(rule)
+    out += _grouped(rows, line, rule)
     if ref is not None:
         out.append(f"update: one layer's K and V, one token. kv t/t({ref}): kvcache's median "
                    f"over its median at ctx {ref:,}. kvcache and prealloc decode "
@@ -1246,14 +1252,8 @@ def _render_attention(rows: list[list[str]], meta: dict) -> str:
             "time / time(float16, best backend); prefetch = median over alternating pairs of "
             "time(variant) / time(prefetch=False) (< 1: prefetch helps)."),
            rule, line(headers), rule]
-    prev = None
-    for r in rows:
-        key = r[0] if r[0] != "prefetch" else r[1].split(",")[0]
-        if prev is not None and key != prev:
-            out.append(rule)
-        out.append(line(r))
-        prev = key
-    out.append(rule)
+    out += _grouped(rows, line, rule,
+                    key=lambda r: r[0] if r[0] != "prefetch" else r[1].split(",")[0])
     if "attention" in meta.get("sections", ()):
         out.append("attention: each variant timed in blocks of repeated calls (its data as warm "
                    "as it stays), the variants taking turns block by block; threads: "

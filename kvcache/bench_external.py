@@ -59,6 +59,7 @@ from .bench import (
     LAYERS,
     Q_HEADS,
     _fmt,
+    _grouped,
     _OneThread,
     _Progress,
     _summary,
@@ -208,28 +209,20 @@ def bench_transformers(ctx: int, steps: int, budget_s: float, progress: bool) ->
         caches[KV] = kv
         prog.update(1)
 
-        hf = TransformersKVCache(kv_cfg)
-        for layer in range(LAYERS):
-            hf.update(tpre, tpre, layer)
-        impls[KV_HF] = ("hf", hf.update)
-        caches[KV_HF] = hf
-        prog.update(2)
-
-        dyn = DynamicCache(config=cfg)
-        for layer in range(LAYERS):
-            dyn.update(tpre, tpre, layer)
-        memory[DYN] = _hf_cache_bytes(dyn)
-        impls[DYN] = ("hf", dyn.update)
-        caches[DYN] = dyn
-        prog.update(3)
-
-        static = StaticCache(config=cfg, max_cache_len=ctx + steps)
-        for layer in range(LAYERS):
-            static.update(tpre, tpre, layer)
-        memory[STATIC] = _hf_cache_bytes(static)
-        impls[STATIC] = ("hf", static.update)
-        caches[STATIC] = static
-        prog.update(4)
+        # The caches speaking transformers' protocol, each made and prefilled
+        # in turn (kvcache's own memory is measured above, by its stats).
+        for done, (name, make) in enumerate((
+                (KV_HF, lambda: TransformersKVCache(kv_cfg)),
+                (DYN, lambda: DynamicCache(config=cfg)),
+                (STATIC, lambda: StaticCache(config=cfg, max_cache_len=ctx + steps))), 2):
+            cache = make()
+            for layer in range(LAYERS):
+                cache.update(tpre, tpre, layer)
+            if name != KV_HF:
+                memory[name] = _hf_cache_bytes(cache)
+            impls[name] = ("hf", cache.update)
+            caches[name] = cache
+            prog.update(done)
 
         quant_prog = _Progress("QuantizedCache prefill (optimum-quanto may compile its C++ "
                                "extension on first use, ~60 s once)", 1, progress)
@@ -274,15 +267,15 @@ def bench_transformers(ctx: int, steps: int, budget_s: float, progress: bool) ->
     last = ctx + done - 1
     assert kv.seq_len(LAYERS - 1) == ctx + done
     assert np.array_equal(kv.keys(0)[:, :, last], k[:, :, 0])
-    assert hf.get_seq_length(LAYERS - 1) == ctx + done
-    assert dyn.get_seq_length(0) == ctx + done
-    assert torch.equal(dyn.layers[0].values[:, :, last], tv[:, :, 0])
-    assert torch.equal(static.layers[LAYERS - 1].keys[:, :, last], tk[:, :, 0])
+    assert caches[KV_HF].get_seq_length(LAYERS - 1) == ctx + done
+    assert caches[DYN].get_seq_length(0) == ctx + done
+    assert torch.equal(caches[DYN].layers[0].values[:, :, last], tv[:, :, 0])
+    assert torch.equal(caches[STATIC].layers[LAYERS - 1].keys[:, :, last], tk[:, :, 0])
     if QUANT in caches:
         assert caches[QUANT].get_seq_length(0) == ctx + done
     residual = (caches[QUANT].layers[0].keys.shape[-2]
                 if QUANT in caches and caches[QUANT].layers[0].keys.dim() == 4 else 0)
-    del caches, impls, kv, hf, dyn, static
+    del caches, impls, kv, cache
     gc.collect()
 
     times = {name: _summary(t) for name, t in ts.items()}
@@ -632,13 +625,7 @@ def render(rows: list[list[str]], meta: dict) -> str:
            ("vs baseline: > 1 means kvcache is better: baseline time / kvcache time, baseline "
             "memory / kvcache memory, kvcache ratio or GB/s / baseline's."),
            rule, line(HEADERS), rule]
-    prev = None
-    for r in rows:
-        if prev is not None and r[0] != prev:
-            out.append(rule)
-        out.append(line(r))
-        prev = r[0]
-    out.append(rule)
+    out += _grouped(rows, line, rule)
     if "transformers" in meta.get("sections", ()):
         out.append("transformers: one layer's update of one (1, 3, 1, 64) float16 token, "
                    f"30 layers per step, the caches taking turns of {HF_TURN} steps; torch 1 "
