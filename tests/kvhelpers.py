@@ -86,3 +86,42 @@ def rand_kv(rng: np.random.Generator, batch: int, heads: int, t: int, head_dim: 
     k = rng.standard_normal((batch, heads, t, head_dim)).astype(dtype)
     v = rng.standard_normal((batch, heads, t, head_dim)).astype(dtype)
     return k, v
+
+
+def layout(a: np.ndarray, how: str) -> np.ndarray:
+    """The same logical array ``a`` in another memory layout.
+
+    Only ``fortran`` and ``readonly`` apply to an array that is not 4-D or not
+    numeric (the fuzzer's bad arguments); the others, and ``broadcast`` /
+    ``unaligned`` where the shape or item size rules them out, return ``a``.
+    """
+    if how == "fortran":
+        return np.asfortranarray(a)
+    if how == "readonly":
+        b = a.copy()
+        b.flags.writeable = False
+        return b
+    if how not in ("c", "transposed", "neg_t", "neg_d", "strided", "swapped", "broadcast",
+                   "unaligned"):
+        raise AssertionError(how)
+    if how == "c" or a.ndim != 4 or a.dtype.kind in "OUM":
+        return a
+    if how == "transposed":
+        return np.ascontiguousarray(a.swapaxes(2, 3)).swapaxes(2, 3)
+    if how == "neg_t":
+        return np.ascontiguousarray(a[:, :, ::-1])[:, :, ::-1]
+    if how == "neg_d":
+        return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
+    if how == "strided":
+        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), dtype=a.dtype)
+        big[..., ::2] = a
+        return big[..., ::2]
+    if how == "swapped":
+        return a.astype(a.dtype.newbyteorder())
+    if how == "broadcast" and a.shape[2] > 0:
+        return np.broadcast_to(a[:, :, :1], a.shape)
+    if how == "unaligned" and a.dtype.itemsize > 1:
+        raw = np.zeros(a.nbytes + 1, np.uint8)[1:].view(a.dtype).reshape(a.shape)
+        raw[...] = a
+        return raw
+    return a

@@ -48,6 +48,7 @@ from attention_reference import reference_attention, rel_error
 from hypothesis import event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from kvhelpers import layout
 from reference import RefCache
 
 from kvcache import GrowthStrategy, KVCache
@@ -165,37 +166,6 @@ def gen_truncate_len(ch, longest: int, broken: bool = False):
     return max(0, longest - ch.int(-3, 10)), set()
 
 
-def _layout(a: np.ndarray, how: str) -> np.ndarray:
-    if how == "fortran":
-        return np.asfortranarray(a)
-    if a.ndim != 4 or a.dtype.kind in "OUM":
-        if how == "readonly":
-            a = a.copy()
-            a.flags.writeable = False
-        return a
-    if how == "transposed":
-        return np.ascontiguousarray(a.swapaxes(2, 3)).swapaxes(2, 3)
-    if how == "neg_t":
-        return np.ascontiguousarray(a[:, :, ::-1])[:, :, ::-1]
-    if how == "strided":
-        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), dtype=a.dtype)
-        big[..., ::2] = a
-        return big[..., ::2]
-    if how == "readonly":
-        b = a.copy()
-        b.flags.writeable = False
-        return b
-    if how == "swapped":
-        return a.astype(a.dtype.newbyteorder())
-    if how == "broadcast" and a.shape[2] > 0:
-        return np.broadcast_to(a[:, :, :1], a.shape)
-    if how == "unaligned" and a.dtype.itemsize > 1:
-        raw = np.zeros(a.nbytes + 1, np.uint8)[1:].view(a.dtype).reshape(a.shape)
-        raw[...] = a
-        return raw
-    return a
-
-
 def gen_token_spec(ch, shape: tuple, cache_dtype: str, broken: bool = False):
     """How to build an argument meant to hold `shape` tokens, and the faults
     it carries (k and v of a pair share the spec, not the values).
@@ -250,7 +220,7 @@ def build_tokens(spec: dict, seed: int):
         return a.tolist()
     if spec["container"] == "memoryview":
         return memoryview(np.ascontiguousarray(a))
-    return _layout(a, spec["layout"])
+    return layout(a, spec["layout"])
 
 
 def gen_kv(ch, cfg: dict, batch: int, t: int, broken: bool = False):
@@ -592,7 +562,7 @@ class Fuzzer:
         rng = np.random.default_rng(ch.seed())
         q = rng.standard_normal(shape).astype(q_dtype)
         if fault == "none" and ch.pick((False, True)):
-            q = _layout(q, ch.pick(("fortran", "neg_t", "strided", "readonly")))
+            q = layout(q, ch.pick(("fortran", "neg_t", "strided", "readonly")))
 
         if i is not None and not 1 <= (0 if fault == "t_q0" else t_q) <= n:
             faults = faults | {ValueError}       # an empty layer, or t_q beyond its length

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import event, note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from kvhelpers import counters
+from kvhelpers import counters, layout
 from reference import RefCache
 
 from kvcache import GrowthStrategy, KVCache
@@ -62,31 +62,6 @@ def growth_specs():
                      st.sampled_from([1.1, 1.5, 2.0, 3.7]), st.integers(1, 20),
                      st.sampled_from([1e-4, 0.5, 30.0]),
                      st.one_of(st.none(), st.integers(-5, 60)))
-
-
-def layout(a: np.ndarray, how: str) -> np.ndarray:
-    """The same logical array `a` in another memory layout."""
-    if how == "c":
-        return a
-    if how == "transposed":
-        return np.ascontiguousarray(a.swapaxes(2, 3)).swapaxes(2, 3)
-    if how == "neg_t":
-        return np.ascontiguousarray(a[:, :, ::-1])[:, :, ::-1]
-    if how == "neg_d":
-        return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
-    if how == "strided":
-        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), dtype=a.dtype)
-        big[..., ::2] = a
-        return big[..., ::2]
-    if how == "fortran":
-        return np.asfortranarray(a)
-    if how == "readonly":
-        b = a.copy()
-        b.flags.writeable = False
-        return b
-    if how == "swapped":
-        return a.astype(a.dtype.newbyteorder())
-    raise AssertionError(how)
 
 
 class CacheMachine(RuleBasedStateMachine):
