@@ -54,7 +54,9 @@ extensions = [
                  "include/kv_cpu.h",
                  "src/kv_tiers.c", "src/kv_attn_impl.h", "src/kv_attn_exp.h",
                  "src/kv_simd_scalar.h", "src/kv_simd_avx2.h", "src/kv_simd_avx512.h",
-                 "src/kv_simd_neon.h", "kvcache/_core.pxd", "kvcache/_attention.pxi"],
+                 "src/kv_simd_neon.h", "kvcache/_core.pxd"]
+        + [os.path.join("kvcache", f) for f in sorted(os.listdir("kvcache"))
+           if f.endswith(".pxi")],
     )
 ]
 

@@ -1,5 +1,5 @@
-# Attention over the block tables and the kernels' dispatch (included by
-# _core.pyx; KVStore.attention and KVStore.prefetch call in here).
+# Attention over the block tables (included by _core.pyx; KVStore.attention
+# and KVStore.prefetch call in here; the kernel in use is _dispatch.pxi's).
 #
 # A call walks the layer's table once per batch row and describes what it
 # holds as runs (consecutive positions in consecutive slots of one block, in
@@ -9,10 +9,6 @@
 # package's, which needs the GIL): a few at a time are decoded into a
 # scratch buffer owned by the call, then attended like full blocks.
 
-import math
-import numbers
-import warnings
-
 cdef enum:
     # LOSSLESS blocks decoded per pass (the scratch is this many blocks).
     LOSSLESS_BATCH = 8
@@ -21,107 +17,6 @@ cdef enum:
     # half of a typical L2), in the order the kernel reads them.
     PREFETCH_HOT_BYTES = 32768
     PREFETCH_BYTES = 524288
-
-# The attention kernel in use (a variant kv_attn.c built and this CPU runs).
-cdef const kv_attn_kernel *_attn_kernel = NULL
-
-
-cdef const kv_attn_kernel *_kernel_for(const kv_attn_geom *g) noexcept:
-    """The kernel in use, or the next runnable variant below it whose fast
-    paths cover this geometry (the scalar one covers every geometry)."""
-    cdef int i = 0
-    cdef const kv_attn_kernel *k
-    if _attn_kernel.supports(g):
-        return _attn_kernel
-    while kv_attn_kernels[i] != _attn_kernel:
-        i += 1
-    while True:
-        k = kv_attn_kernels[i]
-        if kv_attn_runnable(k) and k.supports(g):
-            return k
-        i += 1
-
-
-def available_backends():
-    """Kernel variants this build has and this CPU runs, best first."""
-    cdef int i = 0
-    out = []
-    while kv_attn_kernels[i] != NULL:
-        if kv_attn_runnable(kv_attn_kernels[i]):
-            out.append(kv_attn_kernels[i].name.decode())
-        i += 1
-    return out
-
-
-def compiled_backends():
-    """Kernel variants this build has, best first (some may not run here)."""
-    cdef int i = 0
-    out = []
-    while kv_attn_kernels[i] != NULL:
-        out.append(kv_attn_kernels[i].name.decode())
-        i += 1
-    return out
-
-
-def backend():
-    """Name of the attention kernel in use ("avx512", "avx2", "neon" or
-    "scalar")."""
-    return _attn_kernel.name.decode()
-
-
-def set_backend(name=None):
-    """Use the kernel variant `name` (None: the best this CPU runs) for
-    attention, and the matching tier codecs (SIMD ones unless "scalar").
-
-    Raises ValueError naming the variants available when `name` is not
-    built or this CPU cannot run it.  Not meant to race with calls running
-    on other threads (they keep the kernel they started with).
-    """
-    global _attn_kernel, _codecs
-    cdef int i = 0
-    cdef const kv_attn_kernel *k
-    if name is None:
-        name = available_backends()[0]
-    if not isinstance(name, str):
-        raise TypeError(f"backend name must be a str, got {type(name).__name__}")
-    while kv_attn_kernels[i] != NULL:
-        k = kv_attn_kernels[i]
-        if k.name.decode() == name:
-            if not kv_attn_runnable(k):
-                raise ValueError(f"backend {name!r} is built but this CPU (or OS) cannot run "
-                                 f"it; available: {available_backends()}")
-            _attn_kernel = k
-            _codecs = kv_codecs_select(name != "scalar")
-            return name
-        i += 1
-    raise ValueError(f"unknown backend {name!r}; this build has {compiled_backends()}")
-
-
-def cpu_features():
-    """What detection found: ISA extensions usable here (the OS saves their
-    registers, checked with xgetbv on x86)."""
-    cdef int f = kv_cpu_features()
-    return {"avx2_fma_f16c": bool(f & KV_CPU_AVX2), "avx512": bool(f & KV_CPU_AVX512),
-            "avx512_vnni": bool(f & KV_CPU_AVX512_VNNI), "neon": bool(f & KV_CPU_NEON),
-            "os_saves_ymm": bool(f & KV_CPU_OS_YMM), "os_saves_zmm": bool(f & KV_CPU_OS_ZMM),
-            "prefetch_builtin": bool(KV_HAVE_PREFETCH)}
-
-
-def _init_backend():
-    """Import-time choice: KVCACHE_DISABLE_SIMD=1 forces scalar;
-    KVCACHE_BACKEND=name asks for a variant (a warning and the best one if
-    it cannot be used); otherwise the best this CPU runs."""
-    if os.environ.get("KVCACHE_DISABLE_SIMD", "").lower() in ("1", "true", "yes"):
-        return set_backend("scalar")
-    want = os.environ.get("KVCACHE_BACKEND", "").strip().lower()
-    if want:
-        try:
-            return set_backend(want)
-        except ValueError as exc:
-            warnings.warn(f"KVCACHE_BACKEND={want!r} ignored: {exc}", RuntimeWarning,
-                          stacklevel=2)
-    return set_backend(None)
-
 
 # ------------------------------------------------------------------ runs
 
@@ -160,38 +55,36 @@ cdef int64_t _build_runs(KVStore s, const kv_layer *L, int64_t r, int64_t end, k
     lbids (-1 elsewhere).  Counts tokens of full blocks as hits, the others
     as misses."""
     cdef const int32_t *row = L.table + r * L.nblk
-    cdef int64_t k = 0, rng, start, stop, p, c, j, off, body, ex, c1
+    cdef int64_t k = 0, p, c, off, body, ex, c1
     cdef int32_t full_fmt = KV_FMT_F16 if s.itemsize == 2 else KV_FMT_F32, fmt
     cdef kv_block *b
-    for rng in range(2):
-        start = 0 if rng == 0 else L.lo
-        stop = _min(_min(s.sinks, L.lo), end) if rng == 0 else end
-        p = start
-        while p < stop:
-            c = s._run(L, p, stop, &j, &off)
-            b = _blk(s, row[j])
-            if b.tier == KV_TIER_FULL:
-                k = _emit(runs, lbids, k, <const uint8_t *>b.data, full_fmt, s.block_size,
-                          off, p, c, -1)
-                hits[0] += c
-            elif b.tier == KV_TIER_LOSSLESS:
-                k = _emit(runs, lbids, k, NULL, full_fmt, s.block_size, off, p, c, row[j])
-                misses[0] += c
-            else:
-                misses[0] += c
-                ex = b.exact_rows
-                if off < ex:             # leading slots kept verbatim after the payload
-                    body = kv_payload_bytes(b.tier, &s.shape)
-                    c1 = _min(c, ex - off)
-                    k = _emit(runs, lbids, k, b.payload + body, full_fmt, ex, off, p, c1, -1)
-                    p += c1
-                    off += c1
-                    c -= c1
-                if c > 0:
-                    fmt = (KV_FMT_F16 if b.tier == KV_TIER_FP16 else
-                           KV_FMT_INT8 if b.tier == KV_TIER_INT8 else KV_FMT_INT4)
-                    k = _emit(runs, lbids, k, b.payload, fmt, s.block_size, off, p, c, -1)
-            p += c
+    cdef kv_walk w
+    cdef kv_span sp
+    _walk_held(s, L.lo, end, &w)
+    while _next(s, L, &w, &sp):
+        p, c, off = sp.pos, sp.n, sp.off
+        b = _blk(s, row[sp.blk])
+        if b.tier == KV_TIER_FULL:
+            k = _emit(runs, lbids, k, <const uint8_t *>b.data, full_fmt, s.block_size,
+                      off, p, c, -1)
+            hits[0] += c
+        elif b.tier == KV_TIER_LOSSLESS:
+            k = _emit(runs, lbids, k, NULL, full_fmt, s.block_size, off, p, c, row[sp.blk])
+            misses[0] += c
+        else:
+            misses[0] += c
+            ex = b.exact_rows
+            if off < ex:                 # leading slots kept verbatim after the payload
+                body = kv_payload_bytes(b.tier, &s.shape)
+                c1 = _min(c, ex - off)
+                k = _emit(runs, lbids, k, b.payload + body, full_fmt, ex, off, p, c1, -1)
+                p += c1
+                off += c1
+                c -= c1
+            if c > 0:
+                fmt = (KV_FMT_F16 if b.tier == KV_TIER_FP16 else
+                       KV_FMT_INT8 if b.tier == KV_TIER_INT8 else KV_FMT_INT4)
+                k = _emit(runs, lbids, k, b.payload, fmt, s.block_size, off, p, c, -1)
     return k
 
 
@@ -233,7 +126,7 @@ cdef cnp.ndarray _query(KVStore s, object q, object scale):
 
 cdef object _attention(KVStore s, object layer_idx, object q, object scale, object out,
                        bint prefetch):
-    cdef kv_layer *L = s._layer(layer_idx)
+    cdef kv_layer *L = _layer_at(s, layer_idx)
     cdef cnp.ndarray qs = _query(s, q, scale)
     cdef int64_t hq = qs.shape[1], t_q = qs.shape[2], n = L.n
     cdef cnp.ndarray res
@@ -267,7 +160,7 @@ cdef object _attention(KVStore s, object layer_idx, object q, object scale, obje
     g.prefetch = prefetch
     cdef const kv_attn_kernel *kern = _kernel_for(&g)
 
-    cdef int64_t held = s._held(L), cap = _max_runs(s, held), r, i, nr, nd, nl, lines = 0
+    cdef int64_t held = _held(s, L), cap = _max_runs(s, held), r, i, nr, nd, nl, lines = 0
     cdef int64_t hits = 0, misses = 0, row_floats = hq * t_q * s.head_dim, a, nb, slot
     cdef kv_run *runs = NULL
     cdef kv_run *lruns
@@ -316,7 +209,7 @@ cdef object _attention(KVStore s, object layer_idx, object q, object scale, obje
                     if slot == nb:
                         if nb == LOSSLESS_BATCH:
                             break
-                        s._decode(lbids[i], scratch + nb * s.block_bytes, 3)
+                        _decode_block(s, lbids[i], scratch + nb * s.block_bytes, 3)
                         slot_bid[nb] = lbids[i]
                         nb += 1
                     lruns[i].base = <const uint8_t *>(scratch + slot * s.block_bytes)
@@ -332,15 +225,15 @@ cdef object _attention(KVStore s, object layer_idx, object q, object scale, obje
         PyMem_RawFree(state)
         PyMem_RawFree(scratch)
     if s.metrics:
-        L.hits += hits
-        L.misses += misses
-        L.prefetches += lines
-        L.prefetch_bytes += lines * 64
+        L.c.hits += hits
+        L.c.misses += misses
+        L.c.prefetches += lines
+        L.c.prefetch_bytes += lines * 64
     return res
 
 
 cdef object _prefetch(KVStore s, object layer_idx, object seq_len):
-    cdef kv_layer *L = s._layer(layer_idx)
+    cdef kv_layer *L = _layer_at(s, layer_idx)
     cdef int64_t end = _as_int64(seq_len, "seq_len", ValueError)
     if end < 0:
         raise ValueError(f"seq_len must be >= 0, got {seq_len}")
@@ -353,7 +246,7 @@ cdef object _prefetch(KVStore s, object layer_idx, object seq_len):
     g.g8 = s.shape.g8
     g.g4 = s.shape.g4
     g.prefetch = 0
-    cdef int64_t held = s._held(L), cap = _max_runs(s, held), r, i, h, nr, nbytes
+    cdef int64_t held = _held(s, L), cap = _max_runs(s, held), r, i, h, nr, nbytes
     cdef int64_t lines = 0, hinted = 0, hits = 0, misses = 0
     cdef int half
     cdef const uint8_t *p
@@ -381,6 +274,6 @@ cdef object _prefetch(KVStore s, object layer_idx, object seq_len):
         PyMem_RawFree(runs)
         PyMem_RawFree(lbids)
     if s.metrics:
-        L.prefetches += lines
-        L.prefetch_bytes += lines * 64
+        L.c.prefetches += lines
+        L.c.prefetch_bytes += lines * 64
     return lines * 64

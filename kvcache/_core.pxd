@@ -108,6 +108,20 @@ cdef enum:
     KV_FLAG_ZSTD = 4
 
 
+# The per-layer counters, one struct: CacheStats reads them as one structured
+# array (kvcache.stats.COUNTER_DTYPE declares the same fields in this order).
+# The ones every update touches come first, in the layer's first cache line.
+ctypedef struct kv_counters:
+    int64_t updates
+    int64_t tokens_written     # positions written, per batch row
+    int64_t evictions
+    int64_t hits
+    int64_t misses
+    int64_t truncations
+    int64_t prefetches         # prefetch hints issued (cache lines)
+    int64_t prefetch_bytes
+
+
 # Per-layer state.  Held positions are [0, min(S, lo)) and [lo, n), S the sink
 # count.  Position p lives in slot p when p < S, else in slot
 # S + (p - S) % (cap - S): linear until the window wraps, a ring after.
@@ -118,21 +132,44 @@ ctypedef struct kv_layer:
     int64_t nblk        # table entries per batch row: ceil(cap / block_size)
     int32_t *table      # [batch][nblk] block ids, -1 where no block yet
     # Counters, per layer so threads on different layers never share one.
-    # The ones every update touches sit in the first cache line with the state.
-    int64_t updates
-    int64_t tokens_written     # positions written, per batch row
-    int64_t evictions
-    int64_t hits
-    int64_t misses
-    int64_t truncations
-    int64_t prefetches         # prefetch hints issued (cache lines)
-    int64_t prefetch_bytes
+    kv_counters c
     # Copies in flight without the GIL (reads, large writes): the background
     # compressor leaves a busy layer alone until they finish.
     int64_t busy
+    # Bumped by every change that can move a held position to another block
+    # or another block to a table entry (rewrite, truncation, ring eviction,
+    # growth, reorder, reset); plain appends leave it.  A compression plan
+    # made from the layer's candidates is applied only at the same epoch.
+    int64_t epoch
     # Pads the struct to two cache lines: adjacent layers updated by
     # different threads never share a line (no false sharing).
-    char _pad[16]
+    char _pad[8]
+
+
+# One step of a walk over positions (kvcache/_layout.pxi): `n` consecutive
+# positions from `pos`, in consecutive slots of table entry `blk` from `off`.
+ctypedef struct kv_span:
+    int64_t pos, n, blk, off
+
+
+# A walk over two position ranges [a0, b0) then [a1, b1) (the held ones:
+# [0, min(S, lo)) and [lo, n)), one span per block piece.
+ctypedef struct kv_walk:
+    int64_t p, end, a1, b1
+    int second
+
+
+# What one update does (kvcache/_write.pxi): computed by a pure function of
+# the layer's extent and the call, committed after the blocks are in place.
+ctypedef struct kv_write_plan:
+    int status          # WRITE_OK or the WRITE_* error
+    int64_t start       # first position written: seq_len - t
+    int64_t n_t, lo_t   # the layer's extent after the truncation part
+    int64_t held_after  # positions held afterwards if nothing is evicted
+    int64_t lo_new      # first held window position afterwards
+    int64_t evicted     # positions evicted, over every batch row
+    int64_t a0, b0, a1, b1   # positions written: [a0, b0) and [a1, b1)
+    int64_t written     # (b0 - a0) + (b1 - a1)
 
 
 cdef class KVStore:
@@ -159,57 +196,10 @@ cdef class KVStore:
         int64_t n_compressed, payload_total   # compressed blocks and their bytes
         kv_shape shape          # one block half, for the tier codecs
         object clock            # time source for block ages (seconds)
-        int64_t auto_residual   # >= 0: compress blocks leaving this window
+        int64_t auto_lag        # >= 0: call _auto_compress when a block
+                                # boundary passes n - auto_lag
         bint track_ages         # compression configured: ring wraps renew ages
         bint zstd               # LOSSLESS packs with zstd instead of lz4
         kv_block **retired[MAX_RETIRED]  # old directories, freed at dealloc
         int n_retired
         int64_t retired_bytes
-
-    cdef int32_t _take_block(self) except -2
-    cdef int _add_chunk(self) except -1
-    cdef void _release_block(self, int32_t bid) noexcept
-    cdef void _trim_spares(self) noexcept
-    cdef void _free_data(self, int32_t bid) noexcept
-    cdef void _release_unheld(self, kv_layer *L) noexcept
-    cdef void _release_tail(self, kv_layer *L, int64_t first_blk) noexcept
-    cdef int64_t _run(self, const kv_layer *L, int64_t p, int64_t end,
-                      int64_t *blk, int64_t *off) noexcept nogil
-    cdef int64_t _held(self, const kv_layer *L) noexcept nogil
-    cdef int64_t _live_bytes(self, const kv_layer *L) noexcept
-    cdef int _ensure_blocks(self, kv_layer *L, int64_t a0, int64_t b0,
-                            int64_t a1, int64_t b1) except -1
-    cdef int _gather(self, const kv_layer *L, int64_t half, char *out,
-                     int64_t *hits, int64_t *misses) except -1 nogil
-    cdef int _decode(self, int32_t bid, char *dst, int halves) except -1
-    cdef int _decode_nogil(self, int32_t bid, char *dst, int halves) except -1 nogil
-    cdef bint _touches(self, const kv_layer *L, int64_t a, int64_t b, bint entered) noexcept
-    cdef void _touch(self, const kv_layer *L, int64_t a, int64_t b, bint entered,
-                     double now) noexcept
-    cdef list _eligible(self, const kv_layer *L, int64_t residual, int64_t keep_first)
-    cdef object _compress_block(self, const kv_layer *L, int32_t bid, int tier, double budget,
-                                int64_t exact)
-    cdef object _compress_pinned(self, const kv_layer *L, int32_t bid, int tier, double budget,
-                                 int64_t exact, int32_t refs)
-    cdef object _install_if(self, const kv_layer *L, int32_t bid, int tier, uint8_t *payload,
-                            int64_t nbytes, int64_t exact, int32_t refs)
-    cdef object _install(self, int32_t bid, int tier, uint8_t *payload, int64_t nbytes,
-                         int64_t exact)
-    cdef uint8_t *_encode_block(self, int32_t bid, int tier, int64_t exact,
-                                int64_t *nbytes) except NULL
-    cdef int64_t _payload_size(self, int tier, int64_t exact) noexcept nogil
-    cdef void _encode_into(self, int32_t bid, int tier, int64_t exact, uint8_t *payload,
-                           char *masked) noexcept nogil
-    cdef list _compress_batch(self, const kv_layer *L, list blocks, int tier)
-    cdef bint _unchanged(self, const kv_layer *L, int32_t bid, int32_t refs) noexcept
-    cdef object _install_in_place(self, const kv_layer *L, int32_t bid, int tier,
-                                  const uint8_t *encoded, int64_t nbytes, int64_t exact,
-                                  int32_t refs)
-    cdef void _restore_prefix(self, const uint8_t *payload, int tier, int64_t exact,
-                              char *dst, int halves) noexcept nogil
-    cdef cnp.ndarray _as_input(self, object x, str name)
-    cdef cnp.ndarray _convert_input(self, object x, str name)
-    cdef int _write(self, kv_layer *L, Py_ssize_t layer_idx, cnp.ndarray ka,
-                    cnp.ndarray va, int64_t t, int64_t m) except -1
-    cdef kv_layer *_layer(self, object layer_idx) except NULL
-    cdef object _read(self, object layer_idx, int which)

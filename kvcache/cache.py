@@ -18,12 +18,14 @@ import numpy as np
 from ._core import KVStore
 from .compression import (
     BackgroundCompressor,
+    CompressionPolicy,
     CompressionStats,
     CompressionStrategy,
+    policy_for,
     release_freed_memory,
 )
 from .growth import GrowthStrategy
-from .stats import CacheStats
+from .stats import COUNTER_DTYPE, CacheStats
 
 __all__ = ["KVCache", "DEFAULT_BLOCK_SIZE", "MAX_TOKENS"]
 
@@ -217,11 +219,11 @@ class KVCache(KVStore):
         self.auto_compression_errors: list = []
         self._freed_since_trim = 0
         self._background = BackgroundCompressor(self) if background else None
-        self._set_track_ages(strategy is not CompressionStrategy.NONE)
         self._set_lossless_codec(lossless_codec)
         self.lossless_codec = lossless_codec
-        if auto_compress:
-            self._set_auto(residual_tokens)
+        self._policy = None
+        self.compression_policy = policy_for(strategy, residual_tokens, keep_first,
+                                             error_budget)
         self._strategy: GrowthStrategy | None = None
         self._growths = 0
         self._growth_bytes = 0
@@ -285,6 +287,29 @@ class KVCache(KVStore):
 
     # ------------------------------------------------------------ compression
 
+    @property
+    def compression_policy(self) -> CompressionPolicy | None:
+        """The :class:`~kvcache.compression.CompressionPolicy` that decides what
+        ``compress_old_entries`` and automatic compression do (built from
+        ``compression``, ``residual_tokens``, ``keep_first`` and
+        ``error_budget``; None without compression).  Assign your own policy
+        to change it; automatic compression then follows its
+        ``trigger_lag``."""
+        return self._policy
+
+    @compression_policy.setter
+    def compression_policy(self, policy: CompressionPolicy | None) -> None:
+        if policy is not None and not isinstance(policy, CompressionPolicy):
+            raise TypeError(f"compression_policy must be a CompressionPolicy or None, "
+                            f"got {type(policy).__name__}")
+        if policy is not None:
+            policy.check(self)
+        elif self.auto_compress:
+            raise ValueError("auto_compress needs a compression policy")
+        self._policy = policy
+        self._set_track_ages(policy is not None)
+        self._set_auto(policy.trigger_lag if self.auto_compress else -1)
+
     def compress_old_entries(self, age_threshold=0.0, strategy=None,
                              workers: int | None = None) -> CompressionStats:
         """Compress every full block, in every layer, written at least
@@ -293,10 +318,12 @@ class KVCache(KVStore):
         ``keep_first`` positions keep their exact values.
 
         A block's age counts from when it was taken from the pool (or last
-        rewritten in place).  ``strategy`` defaults to the cache's
-        ``compression``.  Blocks already compressed are left as they are.
-        ``workers`` threads compress different layers at once (the codecs
-        release the GIL); default: one per CPU, at most 4.
+        rewritten in place).  ``strategy`` (a :class:`CompressionStrategy`,
+        its name, or a :class:`~kvcache.compression.CompressionPolicy`)
+        defaults to the cache's ``compression_policy``.  Blocks already
+        compressed are left as they are.  ``workers`` threads compress
+        different layers at once (the codecs release the GIL); default: one
+        per CPU, at most 4.
         """
         if isinstance(age_threshold, datetime.timedelta):
             age_threshold = age_threshold.total_seconds()
@@ -305,30 +332,54 @@ class KVCache(KVStore):
         if not isinstance(age_threshold, float) or not age_threshold >= 0:
             raise ValueError(f"age_threshold must be seconds >= 0 or a timedelta, "
                              f"got {age_threshold!r}")
-        tier = self.compression if strategy is None else CompressionStrategy.coerce(strategy)
-        if tier is CompressionStrategy.NONE:
+        if isinstance(strategy, CompressionPolicy):
+            policy = strategy
+            policy.check(self)
+        elif strategy is None:
+            policy = self._policy
+        else:
+            policy = self._policy_for(CompressionStrategy.coerce(strategy))
+        if policy is None:
             raise ValueError("no compression strategy: pass compression= to KVCache, "
                              "or strategy= here")
-        if tier in (CompressionStrategy.INT4, CompressionStrategy.ADAPTIVE) and self.head_dim % 2:
-            raise ValueError(f"INT4 needs an even head_dim, got {self.head_dim}")
         if workers is None:
             workers = min(4, os.cpu_count() or 1)
         workers = _positive_int("workers", workers, maximum=256)
         t0 = time.perf_counter()
-        args = (int(tier), self.residual_tokens, self.keep_first,
-                self.clock_now() - age_threshold, self.error_budget)
-        if workers == 1 or self.num_layers == 1:
-            results = self._compress(*args)
-        else:
-            # Layers are independent: each thread takes whole layers, and the
-            # pool, counters and block states are only touched with the GIL.
-            with ThreadPoolExecutor(min(workers, self.num_layers)) as pool:
-                parts = pool.map(lambda li: self._compress(*args, (li,)), range(self.num_layers))
-                results = [r for part in parts for r in part]
+        results = self._run_policy(policy, self.clock_now() - age_threshold,
+                                   range(self.num_layers), workers)
         stats = CompressionStats.from_results(results, time.perf_counter() - t0)
         if stats.blocks:
             release_freed_memory()      # so that RSS falls with memory_bytes
         return replace(stats, seconds=time.perf_counter() - t0)
+
+    def _policy_for(self, strategy: CompressionStrategy) -> CompressionPolicy | None:
+        """The built-in policy for `strategy` with this cache's settings."""
+        policy = policy_for(strategy, self.residual_tokens, self.keep_first,
+                            self.error_budget)
+        if policy is not None:
+            policy.check(self)
+        return policy
+
+    def _run_policy(self, policy: CompressionPolicy, cutoff: float, layers,
+                    workers: int = 1) -> list:
+        """policy.compress_layer over `layers`; the results of all of them."""
+        layers = list(layers)
+        if workers == 1 or len(layers) == 1:
+            return [r for li in layers for r in policy.compress_layer(self, li, cutoff)]
+        # Layers are independent: each thread takes whole layers, and the
+        # pool, counters and block states are only touched with the GIL.
+        with ThreadPoolExecutor(min(workers, len(layers))) as pool:
+            parts = pool.map(lambda li: policy.compress_layer(self, li, cutoff), layers)
+            return [r for part in parts for r in part]
+
+    def _compress(self, tier: int, residual: int, keep_first: int, cutoff: float,
+                  budget: float, layers=None) -> list:
+        """The built-in policy for `tier` with these settings, over `layers`
+        (default all): the core's per-block results (tools and tests)."""
+        policy = policy_for(CompressionStrategy(tier), residual, keep_first, budget)
+        return self._run_policy(policy, cutoff,
+                                range(self.num_layers) if layers is None else layers)
 
     def clock_now(self) -> float:
         """The cache's clock (block ages are measured on it)."""
@@ -350,9 +401,11 @@ class KVCache(KVStore):
         """Compress the layer's eligible blocks now.  True when some work was
         left undone because another thread was copying the layer (it was
         "busy", or a payload was "dropped"): worth trying again shortly."""
+        policy = self._policy
+        if policy is None:
+            return False
         t0 = time.perf_counter()
-        results = self._compress(int(self.compression), self.residual_tokens, self.keep_first,
-                                 math.inf, self.error_budget, (layer_idx,))
+        results = policy.compress_layer(self, layer_idx, math.inf)
         if results:
             done = CompressionStats.from_results(results, time.perf_counter() - t0)
             with self._counter_lock:
@@ -439,17 +492,15 @@ class KVCache(KVStore):
         Reading it never stops the cache; it costs O(blocks held) (it walks
         the block tables to count a shared block once).
         """
-        c = self._counters()
+        c = self._counters(COUNTER_DTYPE)
+        names = COUNTER_DTYPE.names
+        total = {k: int(c[k].sum()) for k in names}
         memory, live, blocks, spare, compressed, compressed_bytes = self._memory()
-        per_layer = tuple(
-            {k: int(v[i]) for k, v in c.items()} for i in range(self.num_layers))
+        per_layer = tuple(dict(zip(names, map(int, row))) for row in c.tolist())
         return CacheStats(
-            hits=int(c["hits"].sum()), misses=int(c["misses"].sum()),
-            evictions=int(c["evictions"].sum()), growths=self._growths,
+            **total, growths=self._growths,
             growth_bytes=self._growth_bytes, growth_seconds=self._growth_seconds,
-            updates=int(c["updates"].sum()), tokens_written=int(c["tokens_written"].sum()),
-            truncations=int(c["truncations"].sum()), prefetches=int(c["prefetches"].sum()),
-            prefetch_bytes=int(c["prefetch_bytes"].sum()), memory_bytes=memory, live_bytes=live,
+            memory_bytes=memory, live_bytes=live,
             blocks=blocks, spare_blocks=spare, compressed_blocks=compressed,
             compressed_bytes=compressed_bytes,
             tokens_held=sum(self.held(i) for i in range(self.num_layers)),

@@ -41,7 +41,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-__all__ = ["CacheStats"]
+import numpy as np
+
+__all__ = ["CacheStats", "COUNTER_DTYPE"]
+
+# The compiled core's per-layer counters (struct kv_counters in
+# kvcache/_core.pxd: the same fields, in order), read as one structured
+# array with a row per layer.
+COUNTER_DTYPE = np.dtype([(name, "<i8") for name in (
+    "updates", "tokens_written", "evictions", "hits", "misses", "truncations",
+    "prefetches", "prefetch_bytes")])
 
 # Counters are additive over an interval; the rest are gauges (a level now).
 _COUNTERS = ("hits", "misses", "evictions", "growths", "growth_bytes", "growth_seconds",
