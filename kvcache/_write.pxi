@@ -136,8 +136,8 @@ cdef int _write(KVStore s, kv_layer *L, Py_ssize_t layer_idx, cnp.ndarray ka, cn
         L.c.evictions += pl.evicted
     truncated = m < L.n
     L.c.truncations += truncated and s.metrics
-    if pl.start < pl.n_t or pl.evicted:
-        L.epoch += 1                       # positions moved to other blocks
+    if truncated or pl.start < pl.n_t or pl.evicted:
+        L.epoch += 1                       # blocks released, rewritten or reused
     L.n = m
     L.lo = pl.lo_new
     if truncated:
