@@ -56,7 +56,7 @@ extensions = [
         depends=["include/kv_platform.h", "include/kv_tiers.h", "include/kv_attn.h",
                  "include/kv_cpu.h",
                  "src/kv_tiers_impl.h", "src/kv_attn_impl.h", "src/kv_attn_blocks.h",
-                 "src/kv_attn_exp.h",
+                 "src/kv_attn_exp.h", "src/kv_simd_exp.h",
                  "src/kv_simd_scalar.h", "src/kv_simd_avx2.h", "src/kv_simd_avx512.h",
                  "src/kv_simd_neon.h", "kvcache/_core.pxd", "kvcache/_attention.pxi"],
     )

@@ -15,7 +15,8 @@
  *   vzip(even, odd, vf *first, vf *second)   interleave lanes
  *   vhsum vhmax          horizontal sum / max
  *   vreduce_tb(vf a[KV_TB], float *out)  out[t] = vhsum(a[t])
- *   vexp                 e^x for x <= 0 (kv_exp_poly of kv_attn_exp.h, lane-wise)
+ *   vexp                 e^x for x <= 0: kv_attn_exp.h's kv_exp_poly, lane-wise
+ *                        (kv_simd_exp.h, over vsub vmin vfloor vpow2i)
  *   KV_RS, KV_RV         query rows per register block of dot products /
  *                        value sums (sized to the register file)
  * Everything here (and in kv_attn_blocks.h, the register-blocked dot
