@@ -74,6 +74,8 @@ int kv_cpu_runs(int needs, int allowed)
     return (kv_cpu_features() & allowed & needs) == needs;
 }
 
+/* The table's entries are read as `const void *`: every ABI this builds for
+ * represents all object pointers alike, and the tables are constant data. */
 const void *kv_cpu_pick(const void *const *table, size_t needs_offset, int allowed)
 {
     int needs;

@@ -566,7 +566,7 @@ int main(int argc, char **argv)
         for (i = 0; i < nout; i++) {       /* already scaled: scores of order 1..few */
             q[i] = urand() * 3.0f / sqrtf((float)gs->D);
         }
-        printf("geometry %s: %d runs, %lld tokens, q_pos0 %lld; deq() vs kv_decode_*: "
+        printf("geometry %s: %d runs, %lld tokens, q_pos0 %lld; deq() vs the decoders: "
                "max rel diff %.2e\n",
                gname, NRUNS, (long long)total, (long long)g.q_pos0, deq_check);
         if (!(deq_check <= 1e-6)) {
