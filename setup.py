@@ -39,12 +39,15 @@ if sys.platform != "win32":
 extensions = [
     Extension(
         "kvcache._core",
-        # kv_tiers_avx2.c is kv_tiers.c again inside an AVX2/F16C/FMA target
-        # region (x86 only; empty elsewhere), chosen at run time.
-        # kv_attn_<isa>.c: the attention kernel (src/kv_attn_impl.h) once per
-        # ISA, each in its own target region; kv_attn.c dispatches.
-        sources=["kvcache/_core.pyx", "src/kv_tiers.c", "src/kv_tiers_avx2.c",
-                 "src/kv_cpu.c", "src/kv_attn.c", "src/kv_attn_scalar.c", "src/kv_attn_avx2.c",
+        # One design for both compiled families: a body written once
+        # (src/kv_tiers_impl.h: the tier codecs; src/kv_attn_impl.h: the
+        # attention kernel) compiled once per ISA by kv_tiers_<isa>.c and
+        # kv_attn_<isa>.c, each in its own target region (empty where the
+        # compiler or architecture lacks it); kv_tiers.c and kv_attn.c hold the
+        # tables, kv_cpu.c detects the CPU and picks from them at run time.
+        sources=["kvcache/_core.pyx", "src/kv_cpu.c",
+                 "src/kv_tiers.c", "src/kv_tiers_scalar.c", "src/kv_tiers_avx2.c",
+                 "src/kv_attn.c", "src/kv_attn_scalar.c", "src/kv_attn_avx2.c",
                  "src/kv_attn_avx512.c", "src/kv_attn_neon.c"],
         include_dirs=[numpy.get_include(), "include", "src"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
@@ -52,7 +55,8 @@ extensions = [
         extra_compile_args=compile_args,
         depends=["include/kv_platform.h", "include/kv_tiers.h", "include/kv_attn.h",
                  "include/kv_cpu.h",
-                 "src/kv_tiers.c", "src/kv_attn_impl.h", "src/kv_attn_exp.h",
+                 "src/kv_tiers_impl.h", "src/kv_attn_impl.h", "src/kv_attn_blocks.h",
+                 "src/kv_attn_exp.h", "src/kv_simd_exp.h",
                  "src/kv_simd_scalar.h", "src/kv_simd_avx2.h", "src/kv_simd_avx512.h",
                  "src/kv_simd_neon.h", "kvcache/_core.pxd"]
         + [os.path.join("kvcache", f) for f in sorted(os.listdir("kvcache"))

@@ -3,9 +3,10 @@
  * softmax(q . K^T * scale) . V over runs of cached tokens, read where they
  * lie (full precision, FP16, INT8, INT4: the quantized ones dequantized
  * inside the dot products), with an online softmax in float32.  One kernel
- * source (src/kv_attn_impl.h) is compiled once per ISA (kv_attn_scalar.c,
- * kv_attn_avx2.c, kv_attn_avx512.c, kv_attn_neon.c); kv_attn.c keeps the
- * table of the variants built and picks one from the CPU's features.
+ * source (src/kv_attn_impl.h over src/kv_attn_blocks.h) is compiled once per
+ * ISA (kv_attn_scalar.c, kv_attn_avx2.c, kv_attn_avx512.c, kv_attn_neon.c);
+ * kv_attn.c keeps the table of the variants built, and kv_cpu.h's one rule
+ * picks from it (the tier codecs are dispatched the same way, kv_tiers.h).
  *
  * Callers own every buffer; kernels allocate nothing and touch no globals,
  * so they run without the GIL, several at once on different outputs.
@@ -16,6 +17,7 @@
 #include <stdint.h>
 
 #include "kv_cpu.h"
+#include "kv_platform.h"
 
 /* How the tokens of a run are stored.  The F32/F16 layouts are a block's:
  * keys [heads][stride][dim] then values the same; stride is the block size,
@@ -72,30 +74,14 @@ typedef struct {
                       int64_t nruns, float *state);
 } kv_attn_kernel;
 
-/* Which variants this compiler builds (one place for the conditions the
- * kv_attn_<isa>.c files and the dispatcher share). */
-#if (defined(__x86_64__) || defined(__i386__)) && \
-    (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 5))
-#define KV_BUILD_AVX2 1
-#else
-#define KV_BUILD_AVX2 0
-#endif
-#if (defined(__x86_64__) || defined(__i386__)) && \
-    (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 7))
-#define KV_BUILD_AVX512 1
-#else
-#define KV_BUILD_AVX512 0
-#endif
-#if defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
-#define KV_BUILD_NEON 1
-#else
-#define KV_BUILD_NEON 0
-#endif
-
-/* Every variant compiled in, best first; NULL-terminated. */
+/* Every variant compiled in, best first; NULL-terminated (the last is the
+ * scalar one, which needs nothing). */
 extern const kv_attn_kernel *const kv_attn_kernels[];
 /* Whether this CPU (and OS) runs the variant. */
 int kv_attn_runnable(const kv_attn_kernel *k);
+/* The best variant this CPU and OS run, or the scalar one when allow_simd is
+ * 0 (the KVCACHE_DISABLE_SIMD kill switch): kv_codecs_select's rule. */
+const kv_attn_kernel *kv_attn_select(int allow_simd);
 
 /* The bytes a kernel streams for one run, one KV head and one half (0:
  * keys, 1: values): the token rows or codes (a few scale bytes beside them

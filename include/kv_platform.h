@@ -57,6 +57,28 @@
 #  define KV_TARGET_END KV_PRAGMA(GCC pop_options)
 #endif
 
+/* Which ISA variants this compiler builds: one place for the conditions that
+ * the per-ISA files (kv_attn_<isa>.c, kv_tiers_<isa>.c) and the dispatch
+ * tables (kv_attn.c, kv_tiers.c) share.  A variant not built is an empty
+ * file and no table entry. */
+#if (defined(__x86_64__) || defined(__i386__)) && \
+    (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 5))
+#define KV_BUILD_AVX2 1
+#else
+#define KV_BUILD_AVX2 0
+#endif
+#if (defined(__x86_64__) || defined(__i386__)) && \
+    (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 7))
+#define KV_BUILD_AVX512 1           /* GCC 7: the AVX-512 reduction intrinsics */
+#else
+#define KV_BUILD_AVX512 0
+#endif
+#if defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
+#define KV_BUILD_NEON 1
+#else
+#define KV_BUILD_NEON 0
+#endif
+
 /* Block payloads are aligned to a cache line so that a block's rows never
  * share a line with another block's (and later SIMD loads can be aligned). */
 #define KV_ALIGN 64

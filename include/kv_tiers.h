@@ -18,6 +18,8 @@
  *
  * Pure functions on caller-owned memory: no allocation, no globals besides
  * the half->float table filled once by kv_tiers_init(); safe without the GIL.
+ * The codecs are compiled once per ISA and reached through a table of
+ * function pointers (kv_codec_table); the rest is plain baseline code.
  */
 #ifndef KV_TIERS_H
 #define KV_TIERS_H
@@ -42,20 +44,6 @@ typedef struct {
     int64_t g8, g4;               /* INT8 and INT4 value group sizes (channels) */
 } kv_shape;
 
-/* The x86 ISA variant (kv_tiers_avx2.c) exists where GCC or Clang targets
- * x86; elsewhere only the scalar codecs are built. */
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define KV_HAVE_X86_VARIANTS 1
-#else
-#define KV_HAVE_X86_VARIANTS 0
-#endif
-
-/* In the baseline build the codec functions keep their names; an ISA
- * variant of kv_tiers.c defines KV_CODEC to suffix them. */
-#ifndef KV_CODEC
-#define KV_CODEC(name) name
-#endif
-
 void kv_tiers_init(void);
 
 /* float16 bits -> float32, exact (numpy's conversion), filled once by
@@ -74,28 +62,29 @@ uint16_t kv_float_to_half(float f);
  * 0 for the others, whose size depends on the data). */
 int64_t kv_payload_bytes(int tier, const kv_shape *s);
 
-/* Decoders write only the halves named by `halves` (1: keys, 2: values,
- * 3: both) and leave the other half of `block` untouched. */
-void kv_encode_fp16(const kv_shape *s, const void *block, uint8_t *out);
-void kv_decode_fp16(const kv_shape *s, const uint8_t *in, void *block, int halves);
-void kv_encode_int8(const kv_shape *s, const void *block, uint8_t *out);
-void kv_decode_int8(const kv_shape *s, const uint8_t *in, void *block, int halves);
-void kv_encode_int4(const kv_shape *s, const void *block, uint8_t *out);
-void kv_decode_int4(const kv_shape *s, const uint8_t *in, void *block, int halves);
-
-/* One set of codecs, chosen once at start-up (and by tests) with
- * kv_codecs_select: the best variant this CPU and OS run, or scalar when
- * allow_simd is 0 (the KVCACHE_DISABLE_SIMD kill switch). */
+/* One compiled variant of the codecs.  Decoders write only the halves
+ * named by `halves` (1: keys, 2: values, 3: both) and leave the other half
+ * of `block` untouched.  Every variant writes the same bytes (tested). */
 typedef struct {
     const char *name;
-    void (*encode_fp16)(const kv_shape *, const void *, uint8_t *);
-    void (*decode_fp16)(const kv_shape *, const uint8_t *, void *, int);
-    void (*encode_int8)(const kv_shape *, const void *, uint8_t *);
-    void (*decode_int8)(const kv_shape *, const uint8_t *, void *, int);
-    void (*encode_int4)(const kv_shape *, const void *, uint8_t *);
-    void (*decode_int4)(const kv_shape *, const uint8_t *, void *, int);
+    int needs;         /* the KV_CPU_* features it runs on (0: any CPU) */
+    void (*encode_fp16)(const kv_shape *s, const void *block, uint8_t *out);
+    void (*decode_fp16)(const kv_shape *s, const uint8_t *in, void *block, int halves);
+    void (*encode_int8)(const kv_shape *s, const void *block, uint8_t *out);
+    void (*decode_int8)(const kv_shape *s, const uint8_t *in, void *block, int halves);
+    void (*encode_int4)(const kv_shape *s, const void *block, uint8_t *out);
+    void (*decode_int4)(const kv_shape *s, const uint8_t *in, void *block, int halves);
 } kv_codec_table;
 
+/* Every variant compiled in, best first; NULL-terminated (the last is the
+ * scalar one, which needs nothing).  As for the attention kernels, one
+ * source (src/kv_tiers_impl.h) is compiled once per ISA (kv_tiers_scalar.c,
+ * kv_tiers_avx2.c) and kv_tiers.c keeps this table. */
+extern const kv_codec_table *const kv_codec_tables[];
+
+/* The codecs in use, chosen at start-up (and by tests): the best variant
+ * this CPU and OS run, or the scalar one when allow_simd is 0 (the
+ * KVCACHE_DISABLE_SIMD kill switch).  kv_cpu.h's rule, as for the kernels. */
 const kv_codec_table *kv_codecs_select(int allow_simd);
 
 /* Byte (un)shuffle of n elements of `itemsize` bytes: plane b holds byte b

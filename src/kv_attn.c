@@ -1,11 +1,12 @@
-/* kv_attn.c -- the attention kernels' dispatcher (baseline code: no ISA
- * instructions here, only cpuid/xgetbv to learn which variants may run),
- * the float32 state shared by every variant, and the explicit prefetch. */
+/* kv_attn.c -- the attention kernels' dispatch table (baseline code: no ISA
+ * instructions here; kv_cpu.c's detection says which variants may run), the
+ * float32 state shared by every variant, and the explicit prefetch. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "kv_attn.h"
+#include "kv_cpu.h"
 #include "kv_platform.h"
 
 extern const kv_attn_kernel kv_attn_kernel_scalar;
@@ -35,7 +36,12 @@ const kv_attn_kernel *const kv_attn_kernels[] = {
 
 int kv_attn_runnable(const kv_attn_kernel *k)
 {
-    return (kv_cpu_features() & k->needs) == k->needs;
+    return kv_cpu_runs(k->needs, KV_CPU_ALL);
+}
+
+const kv_attn_kernel *kv_attn_select(int allow_simd)
+{
+    return KV_CPU_PICK(kv_attn_kernel, kv_attn_kernels, KV_CPU_ALLOWED(allow_simd));
 }
 
 /* ------------------------------------------------------------ state */

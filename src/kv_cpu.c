@@ -1,6 +1,8 @@
 /* kv_cpu.c -- CPU feature detection (baseline code: cpuid and xgetbv only,
- * no ISA instructions), cached after the first call. */
+ * no ISA instructions), cached after the first call, and the variant pick
+ * every dispatch table shares. */
 #include <stdint.h>
+#include <string.h>
 
 #include "kv_cpu.h"
 
@@ -65,4 +67,24 @@ int kv_cpu_features(void)
         cached = detect();
     }
     return cached;
+}
+
+int kv_cpu_runs(int needs, int allowed)
+{
+    return (kv_cpu_features() & allowed & needs) == needs;
+}
+
+/* The table's entries are read as `const void *`: every ABI this builds for
+ * represents all object pointers alike, and the tables are constant data. */
+const void *kv_cpu_pick(const void *const *table, size_t needs_offset, int allowed)
+{
+    int needs;
+    for (; *table; table++) {
+        /* The entry's `int needs` member, wherever its type puts it. */
+        memcpy(&needs, (const char *)*table + needs_offset, sizeof needs);
+        if (kv_cpu_runs(needs, allowed)) {
+            return *table;
+        }
+    }
+    return NULL;
 }

@@ -3,7 +3,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "kv_attn_exp.h"
 #include <immintrin.h>
 
 #define KV_VL 8
@@ -69,22 +68,13 @@ static inline void vreduce_tb(const vf *a, float *out)
                          _mm256_permute2f128_ps(h0123, h4567, 0x31));
     _mm256_storeu_ps(out, s);
 }
-static inline vf vexp(vf x)
+/* For kv_simd_exp.h's vexp. */
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf vfloor(vf a) { return _mm256_floor_ps(a); }
+static inline vf vpow2i(vf n)
 {
-    vf n, r, p, r2;
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(KV_EXP_LO)), _mm256_set1_ps(KV_EXP_HI));
-    n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(KV_LOG2E)),
-                                      _mm256_set1_ps(0.5f)));
-    r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(KV_LN2_HI)));
-    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(KV_LN2_LO)));
-    p = _mm256_set1_ps(KV_EXP_P0);
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(KV_EXP_P1));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(KV_EXP_P2));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(KV_EXP_P3));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(KV_EXP_P4));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(KV_EXP_P5));
-    r2 = _mm256_mul_ps(r, r);
-    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, r2), r), _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
 }
+#include "kv_simd_exp.h"

@@ -3,7 +3,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "kv_attn_exp.h"
 #include <arm_neon.h>
 
 #define KV_VL 4
@@ -50,21 +49,12 @@ static inline void vreduce_tb(const vf *a, float *out)
 {
     vst1q_f32(out, vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3])));
 }
-static inline vf vexp(vf x)
+/* For kv_simd_exp.h's vexp. */
+static inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
+static inline vf vmin(vf a, vf b) { return vminq_f32(a, b); }
+static inline vf vfloor(vf a) { return vrndmq_f32(a); }
+static inline vf vpow2i(vf n)
 {
-    vf n, r, p, r2;
-    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(KV_EXP_LO)), vdupq_n_f32(KV_EXP_HI));
-    n = vrndmq_f32(vaddq_f32(vmulq_f32(x, vdupq_n_f32(KV_LOG2E)), vdupq_n_f32(0.5f)));
-    r = vsubq_f32(x, vmulq_f32(n, vdupq_n_f32(KV_LN2_HI)));
-    r = vsubq_f32(r, vmulq_f32(n, vdupq_n_f32(KV_LN2_LO)));
-    p = vdupq_n_f32(KV_EXP_P0);
-    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(KV_EXP_P1));
-    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(KV_EXP_P2));
-    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(KV_EXP_P3));
-    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(KV_EXP_P4));
-    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(KV_EXP_P5));
-    r2 = vmulq_f32(r, r);
-    p = vaddq_f32(vaddq_f32(vmulq_f32(p, r2), r), vdupq_n_f32(1.0f));
-    int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
 }
+#include "kv_simd_exp.h"

@@ -1,30 +1,46 @@
-/* kv_tiers.c -- encoders/decoders of the compressed block tiers.
+/* kv_tiers.c -- the tier codecs' dispatch table and what every variant
+ * shares (baseline code, no ISA flags): the float16 conversions and their
+ * table, payload sizes, the byte shuffle of the LOSSLESS tier and the error
+ * that ADAPTIVE's budget is measured in.
  *
- * Compiled twice: here at the baseline ISA (no ISA flags), and again by
- * kv_tiers_avx2.c inside an AVX2/F16C/FMA target region with KV_CODEC
- * suffixing the codec names; kv_codecs_select() (end of this file) picks
- * one at run time.  No intrinsics: the loops are written branch-free so the
- * auto-vectoriser handles them at either width.  Built with
- * -ffp-contract=off (a fused multiply-add would round q * scale + zero
- * differently from the numpy reference) and -fno-trapping-math (lets a
- * division whose result a select discards run unconditionally; no value
- * changes).
+ * The codecs themselves are src/kv_tiers_impl.h, compiled once per ISA by
+ * kv_tiers_<isa>.c; kv_codecs_select() picks one with kv_cpu.h's rule, as
+ * kv_attn.c's table does for the attention kernels.
  */
-#include "kv_cpu.h"
-#include "kv_tiers.h"
-
 #include <math.h>
 #include <string.h>
 
-/* Half bits -> float (declared in kv_tiers.h), filled once by kv_tiers_init:
- * the baseline build owns it, an ISA variant of this file reads it. */
-#ifndef KV_TIERS_VARIANT
+#include "kv_cpu.h"
+#include "kv_platform.h"
+#include "kv_tiers.h"
+
+/* ------------------------------------------------------------ dispatch */
+
+extern const kv_codec_table kv_codecs_scalar;
+#if KV_BUILD_AVX2
+extern const kv_codec_table kv_codecs_avx2;
+#endif
+
+const kv_codec_table *const kv_codec_tables[] = {
+#if KV_BUILD_AVX2
+    &kv_codecs_avx2,
+#endif
+    &kv_codecs_scalar,
+    NULL,
+};
+
+const kv_codec_table *kv_codecs_select(int allow_simd)
+{
+    return KV_CPU_PICK(kv_codec_table, kv_codec_tables, KV_CPU_ALLOWED(allow_simd));
+}
+
+/* ------------------------------------------------------------ float16 */
+
+/* Half bits -> float (declared in kv_tiers.h), filled once by kv_tiers_init
+ * and read by every codec and kernel variant. */
 float kv_half_table[65536];
 static int half_table_ready = 0;
-#endif
-#define half_table kv_half_table
 
-#ifndef KV_TIERS_VARIANT
 /* numpy's npy_halfbits_to_floatbits, without the table. */
 static uint32_t half_bits_to_float_bits(uint16_t h)
 {
@@ -59,19 +75,16 @@ void kv_tiers_init(void)
     }
     for (i = 0; i < 65536u; i++) {
         bits = half_bits_to_float_bits((uint16_t)i);
-        memcpy(&half_table[i], &bits, 4);
+        memcpy(&kv_half_table[i], &bits, 4);
     }
     half_table_ready = 1;
 }
 
 float kv_half_to_float(uint16_t h)
 {
-    return half_table[h];
+    return kv_half_table[h];
 }
 
-#endif /* KV_TIERS_VARIANT */
-
-#ifndef KV_TIERS_VARIANT
 /* float -> half bits, rounding to nearest even: the same bits as numpy's
  * x.astype(np.float16) for every input (NaNs keep numpy's payload rule).
  * Normal results take the add-and-shift path; subnormal results let the FPU
@@ -108,205 +121,8 @@ uint16_t kv_float_to_half(float fl)
     return (uint16_t)(o | (sign >> 16));
 }
 
-#endif /* KV_TIERS_VARIANT */
+/* ------------------------------------------------------------ sizes, shuffle, error */
 
-/* The same conversion without branches (every path computed, one selected),
- * so the compiler vectorises a loop of it at the baseline ISA. */
-static inline uint16_t float_bits_to_half_select(uint32_t x)
-{
-    uint32_t sign = x & 0x80000000u, nan, sub, o;
-    float f;
-    x ^= sign;
-    o = (x + 0xc8000fffu + ((x >> 13) & 1u)) >> 13;          /* normal */
-    memcpy(&f, &x, 4);
-    f += 0.5f;
-    memcpy(&sub, &f, 4);
-    sub -= 126u << 23;                                        /* subnormal */
-    nan = 0x7c00u + ((x & 0x007fffffu) >> 13);
-    nan += (nan == 0x7c00u);
-    o = x < 0x38800000u ? sub : o;
-    o = x >= 0x47800000u ? (x > 0x7f800000u ? nan : 0x7c00u) : o;
-    return (uint16_t)(o | (sign >> 16));
-}
-
-static void floats_to_halves(const float *in, uint16_t *out, int64_t n)
-{
-    int64_t i;
-    uint32_t x;
-    for (i = 0; i < n; i++) {
-        memcpy(&x, &in[i], 4);
-        out[i] = float_bits_to_half_select(x);
-    }
-}
-
-/* Write n floats to `dst` (element offset off) in the cache dtype. */
-static void store_row(void *dst, int64_t off, int64_t itemsize, const float *row, int64_t n)
-{
-    if (itemsize == 2) {
-        floats_to_halves(row, (uint16_t *)dst + off, n);
-    } else {
-        memcpy((float *)dst + off, row, (size_t)n * 4);
-    }
-}
-
-/* half -> float without branches or the table (same bits as the table):
- * vectorises, where table lookups into 256 KiB would miss L1. */
-static inline float half_to_float_select(uint16_t h)
-{
-    const uint32_t shifted_exp = 0x7c00u << 13;
-    const float magic = 6.103515625e-05f;           /* 2**-14: 113 << 23 */
-    uint32_t o = ((uint32_t)h & 0x7fffu) << 13, exp = o & shifted_exp, sub, is_special, is_small;
-    float f;
-    o += (uint32_t)(127 - 15) << 23;
-    sub = o + (1u << 23);
-    memcpy(&f, &sub, 4);
-    f -= magic;                                     /* zero or subnormal */
-    memcpy(&sub, &f, 4);
-    /* Masks rather than ?: so the compiler if-converts and vectorises. */
-    is_special = 0u - (uint32_t)(exp == shifted_exp);                /* inf, NaN */
-    is_small = 0u - (uint32_t)(exp == 0);                            /* 0, subnormal */
-    o += is_special & ((uint32_t)(128 - 16) << 23);
-    o = (o & ~is_small) | (sub & is_small);
-    o |= ((uint32_t)h & 0x8000u) << 16;
-    memcpy(&f, &o, 4);
-    return f;
-}
-
-/* Read n elements of `src` from element offset off as floats. */
-static inline void load_row(const void *src, int64_t off, int64_t itemsize, float *row,
-                            int64_t n)
-{
-    int64_t i;
-    const uint16_t *h = (const uint16_t *)src + off;
-    if (itemsize == 2) {
-        for (i = 0; i < n; i++) {
-            row[i] = half_to_float_select(h[i]);
-        }
-    } else {
-        memcpy(row, (const float *)src + off, (size_t)n * 4);
-    }
-}
-
-/* Rows are processed in pieces of this many elements (stack buffers). */
-#define ROW KV_MAX_G4
-
-static inline float load(const void *p, int64_t i, int64_t itemsize)
-{
-    if (itemsize == 2) {
-        return half_table[((const uint16_t *)p)[i]];
-    }
-    return ((const float *)p)[i];
-}
-
-/* rint for |v| < 2**22 in the default rounding mode (ties to even), without
- * a libm call; larger values only matter through the clip, which they pass. */
-static inline float rint_small(float v)
-{
-    const float magic = 12582912.0f;    /* 1.5 * 2**23 */
-    return (v + magic) - magic;
-}
-
-/* codes of n floats for one scale/zero: clip(rint((x - z) / s), 0, levels).
- * Branch-free so it vectorises; NaN lands on 0 (casting NaN is UB). */
-static void quant_row(const float *x, int64_t n, float s, float z, float levels, uint8_t *q)
-{
-    int64_t i;
-    float v;
-    if (s == 0.0f) {
-        memset(q, 0, (size_t)n);
-        return;
-    }
-    for (i = 0; i < n; i++) {
-        v = rint_small((x[i] - z) / s);
-        v = v >= 0.0f ? v : 0.0f;
-        v = v > levels ? levels : v;
-        q[i] = (uint8_t)(int32_t)v;
-    }
-}
-
-/* A float16 scale or zero inside a payload.  Byte-aligned on purpose: the
- * INT4 payload's scale arrays follow nibble-packed codes, so they start at
- * an odd address when a half holds an odd number of code bytes; reads and
- * writes go through memcpy (one plain load or store on x86). */
-typedef struct {
-    uint8_t b[2];
-} kv_h16;
-
-static inline uint16_t h16_get(kv_h16 x)
-{
-    uint16_t v;
-    memcpy(&v, x.b, 2);
-    return v;
-}
-
-static inline void h16_set(kv_h16 *x, uint16_t v)
-{
-    memcpy(x->b, &v, 2);
-}
-
-static void set_range(float lo, float hi, float levels, kv_h16 *scale, kv_h16 *zero)
-{
-    h16_set(zero, kv_float_to_half(lo));
-    h16_set(scale, kv_float_to_half((hi - lo) / levels));
-}
-
-/* Minimum and maximum of n floats.  LANES independent accumulators: one
- * float min chain is not vectorised without -ffast-math, independent lanes
- * are (x < m ? x : m is exactly minps), and the result does not depend on
- * the order. */
-#define LANES 8
-static inline void range_of(const float *row, int64_t n, float *mn, float *mx)
-{
-    float lo[LANES], hi[LANES];
-    int64_t i, k;
-    for (k = 0; k < LANES; k++) {
-        lo[k] = *mn;
-        hi[k] = *mx;
-    }
-    for (i = 0; i + LANES <= n; i += LANES) {
-        for (k = 0; k < LANES; k++) {
-            lo[k] = row[i + k] < lo[k] ? row[i + k] : lo[k];
-            hi[k] = row[i + k] > hi[k] ? row[i + k] : hi[k];
-        }
-    }
-    for (; i < n; i++) {
-        lo[0] = row[i] < lo[0] ? row[i] : lo[0];
-        hi[0] = row[i] > hi[0] ? row[i] : hi[0];
-    }
-    for (k = 0; k < LANES; k++) {
-        *mn = lo[k] < *mn ? lo[k] : *mn;
-        *mx = hi[k] > *mx ? hi[k] : *mx;
-    }
-}
-
-/* Quantize the contiguous group src[off .. off + n): its scale and zero, and
- * its codes into q[0 .. n).  A group that fits a row is read once. */
-static void encode_group(const void *src, int64_t itemsize, int64_t off, int64_t n,
-                         float levels, kv_h16 *scale, kv_h16 *zero, uint8_t *q)
-{
-    float row[ROW], mn = INFINITY, mx = -INFINITY;
-    int64_t c, m;
-    if (n <= ROW) {
-        load_row(src, off, itemsize, row, n);
-        range_of(row, n, &mn, &mx);
-        set_range(mn, mx, levels, scale, zero);
-        quant_row(row, n, half_table[h16_get(*scale)], half_table[h16_get(*zero)], levels, q);
-        return;
-    }
-    for (c = 0; c < n; c += ROW) {
-        m = n - c < ROW ? n - c : ROW;
-        load_row(src, off + c, itemsize, row, m);
-        range_of(row, m, &mn, &mx);
-    }
-    set_range(mn, mx, levels, scale, zero);
-    for (c = 0; c < n; c += ROW) {
-        m = n - c < ROW ? n - c : ROW;
-        load_row(src, off + c, itemsize, row, m);
-        quant_row(row, m, half_table[h16_get(*scale)], half_table[h16_get(*zero)], levels, q + c);
-    }
-}
-
-#ifndef KV_TIERS_VARIANT
 int64_t kv_payload_bytes(int tier, const kv_shape *s)
 {
     int64_t n = s->heads * s->tokens * s->dim;      /* elements in one half */
@@ -322,223 +138,6 @@ int64_t kv_payload_bytes(int tier, const kv_shape *s)
     }
 }
 
-#endif /* KV_TIERS_VARIANT */
-
-void KV_CODEC(kv_encode_fp16)(const kv_shape *s, const void *block, uint8_t *out)
-{
-    floats_to_halves((const float *)block, (uint16_t *)out, 2 * s->heads * s->tokens * s->dim);
-}
-
-void KV_CODEC(kv_decode_fp16)(const kv_shape *s, const uint8_t *in, void *block, int halves)
-{
-    int64_t n = s->heads * s->tokens * s->dim, half, i;
-    const uint16_t *h = (const uint16_t *)in;
-    float *f = (float *)block;                      /* FP16 is for float32 caches */
-    for (half = 0; half < 2; half++) {
-        if (halves & (1 << half)) {
-            for (i = half * n; i < (half + 1) * n; i++) {
-                f[i] = half_to_float_select(h[i]);
-            }
-        }
-    }
-}
-
-/* INT8 payload: codes [2][H][T][D] u8 | scales [2][H][T][D/g8] f16 | zeros (same). */
-void KV_CODEC(kv_encode_int8)(const kv_shape *s, const void *block, uint8_t *out)
-{
-    int64_t n = 2 * s->heads * s->tokens * s->dim, ng = n / s->g8, g;
-    kv_h16 *scales = (kv_h16 *)(out + n);
-    kv_h16 *zeros = scales + ng;
-    for (g = 0; g < ng; g++) {
-        encode_group(block, s->itemsize, g * s->g8, s->g8, 255.0f, &scales[g], &zeros[g],
-                     out + g * s->g8);
-    }
-}
-
-void KV_CODEC(kv_decode_int8)(const kv_shape *s, const uint8_t *in, void *block, int halves)
-{
-    int64_t n = s->heads * s->tokens * s->dim, ng = n / s->g8, half, g, c, m, i, e;
-    const kv_h16 *scales = (const kv_h16 *)(in + 2 * n);
-    const kv_h16 *zeros = scales + 2 * ng;
-    float row[ROW], sc, z;
-    for (half = 0; half < 2; half++) {
-        if (!(halves & (1 << half))) {
-            continue;
-        }
-        for (g = half * ng; g < (half + 1) * ng; g++) {
-            sc = half_table[h16_get(scales[g])];
-            z = half_table[h16_get(zeros[g])];
-            for (c = 0; c < s->g8; c += ROW) {
-                m = s->g8 - c < ROW ? s->g8 - c : ROW;
-                e = g * s->g8 + c;
-                for (i = 0; i < m; i++) {
-                    row[i] = (float)in[e + i] * sc + z;
-                }
-                store_row(block, e, s->itemsize, row, m);
-            }
-        }
-    }
-}
-
-/* INT4 payload: K codes [H][T][D/2] | K scales [H][D] | K zeros [H][D] |
- *               V codes [H][T][D/2] | V scales [H][T][D/g4] | V zeros.
- * Element e of a half (flat [H][T][D] index) has its code in the low nibble
- * of byte e / 2 when e is even, the high nibble when odd. */
-typedef struct {
-    uint8_t *kcodes, *vcodes;
-    kv_h16 *kscale, *kzero, *vscale, *vzero;
-} int4_layout;
-
-static int4_layout int4_parts(const kv_shape *s, uint8_t *p)
-{
-    int64_t n = s->heads * s->tokens * s->dim;
-    int4_layout l;
-    l.kcodes = p;
-    l.kscale = (kv_h16 *)(p + n / 2);
-    l.kzero = l.kscale + s->heads * s->dim;
-    l.vcodes = (uint8_t *)(l.kzero + s->heads * s->dim);
-    l.vscale = (kv_h16 *)(l.vcodes + n / 2);
-    l.vzero = l.vscale + n / s->g4;
-    return l;
-}
-
-static void put_nibbles(uint8_t *codes, int64_t e, const uint8_t *q, int64_t n)
-{
-    int64_t i;
-    if (!(e & 1) && !(n & 1)) {          /* whole bytes: the usual case */
-        for (i = 0; i < n / 2; i++) {
-            codes[(e >> 1) + i] = (uint8_t)(q[2 * i] | (q[2 * i + 1] << 4));
-        }
-        return;
-    }
-    for (i = 0; i < n; i++, e++) {
-        if (e & 1) {
-            codes[e >> 1] = (uint8_t)(codes[e >> 1] | (q[i] << 4));
-        } else {
-            codes[e >> 1] = q[i];        /* the even element comes first */
-        }
-    }
-}
-
-static inline float get_nibble(const uint8_t *codes, int64_t e)
-{
-    return (float)((codes[e >> 1] >> ((e & 1) * 4)) & 15);
-}
-
-void KV_CODEC(kv_encode_int4)(const kv_shape *s, const void *block, uint8_t *out)
-{
-    int64_t H = s->heads, T = s->tokens, D = s->dim, n = H * T * D;
-    int64_t h, t, d0, d, m, g, c, e;
-    const char *values = (const char *)block + n * s->itemsize;
-    int4_layout l = int4_parts(s, out);
-    float row[ROW], lo[ROW], hi[ROW], sc[ROW], z[ROW], v;
-    uint8_t q[ROW];
-    /* Keys: per channel across the block's tokens (outlier channels get a
-     * range of their own), ROW channels at a time. */
-    for (h = 0; h < H; h++) {
-        for (d0 = 0; d0 < D; d0 += ROW) {
-            m = D - d0 < ROW ? D - d0 : ROW;
-            for (d = 0; d < m; d++) {
-                lo[d] = INFINITY;
-                hi[d] = -INFINITY;
-            }
-            for (t = 0; t < T; t++) {
-                load_row(block, (h * T + t) * D + d0, s->itemsize, row, m);
-                for (d = 0; d < m; d++) {
-                    lo[d] = row[d] < lo[d] ? row[d] : lo[d];
-                    hi[d] = row[d] > hi[d] ? row[d] : hi[d];
-                }
-            }
-            for (d = 0; d < m; d++) {
-                c = h * D + d0 + d;
-                set_range(lo[d], hi[d], 15.0f, &l.kscale[c], &l.kzero[c]);
-                sc[d] = half_table[h16_get(l.kscale[c])];
-                z[d] = half_table[h16_get(l.kzero[c])];
-            }
-            for (t = 0; t < T; t++) {
-                e = (h * T + t) * D + d0;
-                load_row(block, e, s->itemsize, row, m);
-                for (d = 0; d < m; d++) {
-                    /* Division first, select after: branch-free, so it
-                     * vectorises (a 0/0 here is discarded by the select). */
-                    v = rint_small((row[d] - z[d]) / sc[d]);
-                    v = v >= 0.0f ? v : 0.0f;       /* also maps NaN to 0 */
-                    v = v > 15.0f ? 15.0f : v;
-                    v = sc[d] == 0.0f ? 0.0f : v;
-                    q[d] = (uint8_t)(int32_t)v;
-                }
-                put_nibbles(l.kcodes, e, q, m);
-            }
-        }
-    }
-    /* Values: per token, groups of g4 <= KV_MAX_G4 channels. */
-    for (g = 0; g < n / s->g4; g++) {
-        encode_group(values, s->itemsize, g * s->g4, s->g4, 15.0f, &l.vscale[g], &l.vzero[g], q);
-        put_nibbles(l.vcodes, g * s->g4, q, s->g4);
-    }
-}
-
-/* n codes from nibble element e (even) on, each times its scale plus its
- * zero (per-element arrays, or one value each when step is 0). */
-static inline void dequant_pairs(const uint8_t *codes, int64_t e, int64_t n, const float *sc,
-                                 const float *z, int64_t step, float *row)
-{
-    int64_t i;
-    uint8_t b;
-    for (i = 0; i < n / 2; i++) {
-        b = codes[(e >> 1) + i];
-        row[2 * i] = (float)(b & 15) * sc[2 * i * step] + z[2 * i * step];
-        row[2 * i + 1] = (float)(b >> 4) * sc[(2 * i + 1) * step] + z[(2 * i + 1) * step];
-    }
-}
-
-void KV_CODEC(kv_decode_int4)(const kv_shape *s, const uint8_t *in, void *block, int halves)
-{
-    int64_t H = s->heads, T = s->tokens, D = s->dim, n = H * T * D;
-    int64_t h, t, d0, d, m, g, e;
-    char *values = (char *)block + n * s->itemsize;
-    int4_layout l = int4_parts(s, (uint8_t *)in);
-    float row[ROW], ks[ROW], kz[ROW], sc, z;
-    if (halves & 1) {
-        for (h = 0; h < H; h++) {
-            for (d0 = 0; d0 < D; d0 += ROW) {
-                m = D - d0 < ROW ? D - d0 : ROW;
-                for (d = 0; d < m; d++) {        /* this head's channel ranges */
-                    ks[d] = half_table[h16_get(l.kscale[h * D + d0 + d])];
-                    kz[d] = half_table[h16_get(l.kzero[h * D + d0 + d])];
-                }
-                for (t = 0; t < T; t++) {
-                    e = (h * T + t) * D + d0;
-                    if (!(e & 1) && !(m & 1)) {
-                        dequant_pairs(l.kcodes, e, m, ks, kz, 1, row);
-                    } else {
-                        for (d = 0; d < m; d++) {
-                            row[d] = get_nibble(l.kcodes, e + d) * ks[d] + kz[d];
-                        }
-                    }
-                    store_row(block, e, s->itemsize, row, m);
-                }
-            }
-        }
-    }
-    if (halves & 2) {
-        for (g = 0; g < n / s->g4; g++) {
-            sc = half_table[h16_get(l.vscale[g])];
-            z = half_table[h16_get(l.vzero[g])];
-            e = g * s->g4;
-            if (!(e & 1) && !(s->g4 & 1)) {
-                dequant_pairs(l.vcodes, e, s->g4, &sc, &z, 0, row);
-            } else {
-                for (d = 0; d < s->g4; d++) {
-                    row[d] = get_nibble(l.vcodes, e + d) * sc + z;
-                }
-            }
-            store_row(values, e, s->itemsize, row, s->g4);
-        }
-    }
-}
-
-#ifndef KV_TIERS_VARIANT
 void kv_shuffle(const uint8_t *in, uint8_t *out, int64_t n, int64_t itemsize)
 {
     int64_t i, b;
@@ -557,6 +156,15 @@ void kv_unshuffle(const uint8_t *in, uint8_t *out, int64_t n, int64_t itemsize)
             out[i * itemsize + b] = in[b * n + i];
         }
     }
+}
+
+/* Element i of a block in the cache dtype, as a float. */
+static inline float load(const void *p, int64_t i, int64_t itemsize)
+{
+    if (itemsize == 2) {
+        return kv_half(((const uint16_t *)p)[i]);
+    }
+    return ((const float *)p)[i];
 }
 
 double kv_block_rel_error(const kv_shape *s, const void *exact, const void *approx)
@@ -581,38 +189,3 @@ double kv_block_rel_error(const kv_shape *s, const void *exact, const void *appr
     }
     return worst;
 }
-
-/* ------------------------------------------------------------ dispatch */
-
-static const kv_codec_table scalar_codecs = {
-    "scalar", kv_encode_fp16, kv_decode_fp16, kv_encode_int8, kv_decode_int8,
-    kv_encode_int4, kv_decode_int4,
-};
-
-#if KV_HAVE_X86_VARIANTS
-/* Defined by kv_tiers_avx2.c: this file compiled again for AVX2+F16C+FMA. */
-void kv_encode_fp16_avx2(const kv_shape *, const void *, uint8_t *);
-void kv_decode_fp16_avx2(const kv_shape *, const uint8_t *, void *, int);
-void kv_encode_int8_avx2(const kv_shape *, const void *, uint8_t *);
-void kv_decode_int8_avx2(const kv_shape *, const uint8_t *, void *, int);
-void kv_encode_int4_avx2(const kv_shape *, const void *, uint8_t *);
-void kv_decode_int4_avx2(const kv_shape *, const uint8_t *, void *, int);
-
-static const kv_codec_table avx2_codecs = {
-    "avx2", kv_encode_fp16_avx2, kv_decode_fp16_avx2, kv_encode_int8_avx2,
-    kv_decode_int8_avx2, kv_encode_int4_avx2, kv_decode_int4_avx2,
-};
-#endif
-
-const kv_codec_table *kv_codecs_select(int allow_simd)
-{
-#if KV_HAVE_X86_VARIANTS
-    /* KV_CPU_AVX2: AVX2, F16C and FMA, with the OS saving the ymm state. */
-    if (allow_simd && (kv_cpu_features() & KV_CPU_AVX2)) {
-        return &avx2_codecs;
-    }
-#endif
-    (void)allow_simd;
-    return &scalar_codecs;
-}
-#endif /* KV_TIERS_VARIANT */

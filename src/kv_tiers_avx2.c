@@ -1,29 +1,26 @@
-/* kv_tiers_avx2.c -- the tier codecs compiled for x86 with AVX2, F16C, FMA.
+/* kv_tiers_avx2.c -- the tier codecs for x86 with AVX2, F16C and FMA.
  *
- * The same source as kv_tiers.c, inside a target region: only the functions
- * here use those instructions (the rest of the extension stays at the
- * baseline), and kv_codecs_select() calls them only on a CPU and OS that run
- * them.  No intrinsics: the compiler vectorises the branch-free loops 8 wide.
- * -ffp-contract=off still applies, so results stay bit-identical to the
- * scalar build and the numpy reference (tested).
+ * As kv_attn_avx2.c: only this file is compiled for those instructions,
+ * through a target region rather than -mavx2 on the command line, and
+ * kv_codecs_select() calls in here only after cpuid and xgetbv say the CPU
+ * and OS run AVX2.  No intrinsics: the compiler vectorises the codecs'
+ * branch-free loops 8 wide.  -ffp-contract=off still applies, so the FMA
+ * units are never used to contract q * scale + zero: the bytes are those of
+ * the scalar build and the numpy reference (tested).  Elsewhere (another
+ * architecture, or a compiler without the target pragma) the file is empty
+ * and the variant is simply not built.
  */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
 #include "kv_platform.h"
-#include "kv_tiers.h"
 
-#if KV_HAVE_X86_VARIANTS
+#if KV_BUILD_AVX2
 KV_TARGET_BEGIN("avx2,f16c,fma")
 
-#define KV_TIERS_VARIANT 1
-#undef KV_CODEC
-#define KV_CODEC(name) name##_avx2
-#include "kv_tiers.c"
+#define KV_ISA_NAME "avx2"
+#define KV_ISA_NEEDS KV_CPU_AVX2
+#define KV_CODECS_SYM kv_codecs_avx2
+#include "kv_tiers_impl.h"
 
 KV_TARGET_END
 #else
-/* Not x86 (or not GCC/Clang): nothing to build; keeps the unit non-empty. */
-typedef int kv_tiers_avx2_unused;
+typedef int kv_tiers_avx2_not_built;
 #endif

@@ -24,7 +24,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 2
 
 SRCS="src/kv_cpu.c src/kv_attn.c src/kv_attn_scalar.c src/kv_attn_neon.c src/kv_attn_avx2.c \
-src/kv_attn_avx512.c src/kv_tiers.c src/kv_tiers_avx2.c"
+src/kv_attn_avx512.c src/kv_tiers.c src/kv_tiers_scalar.c src/kv_tiers_avx2.c"
 FLAGS="-O3 -ffp-contract=off -fno-trapping-math -Iinclude -Isrc"
 CC=${CC:-gcc}
 CROSS_CC=${CROSS_CC:-aarch64-linux-gnu-gcc}

@@ -1,4 +1,5 @@
-/* kernel_check.c -- standalone check of every compiled attention kernel.
+/* kernel_check.c -- standalone check of every compiled attention kernel
+ * (and that every compiled codec variant writes the scalar codecs' bytes).
  *
  * For a few geometries and every run format (F16 and F32 caches, the FP16
  * tier of a float32 cache, INT8, INT4, and a mix of them in one call) this
@@ -19,13 +20,14 @@
  * scratch the kernel did not write shows up as NaN) and both the state and
  * the output carry guard words after their end.
  *
- * One line per (format, geometry, kernel); exit status 1 on any failure.
+ * One line per (format, geometry, kernel) and per (geometry, codec
+ * variant); exit status 1 on any failure.
  *
  * Build (from the repository root), e.g.:
  *   gcc -O3 -ffp-contract=off -fno-trapping-math -Iinclude -Isrc \
- *       tools/kernel_check.c src/kv_attn.c src/kv_attn_scalar.c src/kv_attn_neon.c \
- *       src/kv_attn_avx2.c src/kv_attn_avx512.c src/kv_tiers.c src/kv_tiers_avx2.c \
- *       -lm -o kernel_check
+ *       tools/kernel_check.c src/kv_cpu.c src/kv_attn.c src/kv_attn_scalar.c \
+ *       src/kv_attn_neon.c src/kv_attn_avx2.c src/kv_attn_avx512.c src/kv_tiers.c \
+ *       src/kv_tiers_scalar.c src/kv_tiers_avx2.c -lm -o kernel_check
  * (tools/aarch64_check.sh does this natively and for AArch64 under qemu.)
  */
 #include <math.h>
@@ -46,9 +48,10 @@
 #define GUARD 16             /* guard floats after state and output */
 #define GUARD_VAL 12345.678f
 
-/* The portable variant, built everywhere: the one the others are checked
+/* The portable variants, built everywhere: the ones the others are checked
  * against. */
 extern const kv_attn_kernel kv_attn_kernel_scalar;
+extern const kv_codec_table kv_codecs_scalar;
 
 /* ------------------------------------------------------------ PRNG */
 
@@ -213,11 +216,11 @@ static void make_blocks(const geo_spec *gs, blockset *b, double *deq_check)
             b->f16[blk][i] = kv_float_to_half(x);
         }
         b->fp16[blk] = xmalloc((size_t)kv_payload_bytes(KV_TIER_FP16, &s32));
-        kv_encode_fp16(&s32, b->f32[blk], b->fp16[blk]);
+        kv_codecs_scalar.encode_fp16(&s32, b->f32[blk], b->fp16[blk]);
         b->i8[blk] = xmalloc((size_t)kv_payload_bytes(KV_TIER_INT8, &s16));
-        kv_encode_int8(&s16, b->f16[blk], b->i8[blk]);
+        kv_codecs_scalar.encode_int8(&s16, b->f16[blk], b->i8[blk]);
         b->i4[blk] = xmalloc((size_t)kv_payload_bytes(KV_TIER_INT4, &s16));
-        kv_encode_int4(&s16, b->f16[blk], b->i4[blk]);
+        kv_codecs_scalar.encode_int4(&s16, b->f16[blk], b->i4[blk]);
 
         /* Cross-check deq() against the library decoders (decoding into a
          * float32 block: x' = q * scale + zero rounded once to float32). */
@@ -228,9 +231,9 @@ static void make_blocks(const geo_spec *gs, blockset *b, double *deq_check)
                 kv_run r = {which ? b->i4[blk] : b->i8[blk], 0,
                             which ? KV_FMT_INT4 : KV_FMT_INT8, BLOCK, 0, BLOCK};
                 if (which) {
-                    kv_decode_int4(&s32, b->i4[blk], dec, 3);
+                    kv_codecs_scalar.decode_int4(&s32, b->i4[blk], dec, 3);
                 } else {
-                    kv_decode_int8(&s32, b->i8[blk], dec, 3);
+                    kv_codecs_scalar.decode_int8(&s32, b->i8[blk], dec, 3);
                 }
                 for (hf = 0; hf < 2; hf++) {
                     int64_t h, t, c;
@@ -266,6 +269,74 @@ static void free_blocks(blockset *b)
         free(b->i8[blk]);
         free(b->i4[blk]);
     }
+}
+
+/* Counts a comparison of n bytes in *outputs; returns 1 when they differ. */
+static int64_t differs(const void *got, const void *want, size_t n, int64_t *outputs)
+{
+    ++*outputs;
+    return memcmp(got, want, n) != 0;
+}
+
+/* Every codec variant this CPU runs must write the scalar codecs' bytes:
+ * payloads (encoded here again from the same blocks) and decoded blocks
+ * (of the scalar payloads, in both cache dtypes, every `halves`).  Returns
+ * the failures and prints one line per variant. */
+static int check_codecs(const geo_spec *gs, const blockset *b, const char *gname)
+{
+    int64_t H = gs->H, D = gs->D, n = H * BLOCK * D;
+    kv_shape s16 = {H, BLOCK, D, 2, gs->g8, gs->g4};
+    kv_shape s32 = {H, BLOCK, D, 4, gs->g8, gs->g4};
+    const kv_codec_table *ref = &kv_codecs_scalar;
+    size_t fp16 = (size_t)kv_payload_bytes(KV_TIER_FP16, &s32);   /* the largest payload */
+    size_t i8 = (size_t)kv_payload_bytes(KV_TIER_INT8, &s16);
+    size_t i4 = (size_t)kv_payload_bytes(KV_TIER_INT4, &s16);
+    uint8_t *pay = xmalloc(fp16);
+    uint8_t *dec = xmalloc((size_t)(2 * n) * 4), *want = xmalloc((size_t)(2 * n) * 4);
+    int ci, blk, it, halves, failures = 0;
+    for (ci = 0; kv_codec_tables[ci]; ci++) {
+        const kv_codec_table *c = kv_codec_tables[ci];
+        int64_t diffs = 0, outputs = 0;
+        printf("codecs   %-44s %-7s ", gname, c->name);
+        if (!kv_cpu_runs(c->needs, KV_CPU_ALL)) {
+            printf("skipped (CPU does not run it)\n");
+            continue;
+        }
+        for (blk = 0; blk < NBLOCKS; blk++) {
+            c->encode_fp16(&s32, b->f32[blk], pay);
+            diffs += differs(pay, b->fp16[blk], fp16, &outputs);
+            c->encode_int8(&s16, b->f16[blk], pay);
+            diffs += differs(pay, b->i8[blk], i8, &outputs);
+            c->encode_int4(&s16, b->f16[blk], pay);
+            diffs += differs(pay, b->i4[blk], i4, &outputs);
+            for (it = 2; it <= 4; it += 2) {
+                const kv_shape *s = it == 2 ? &s16 : &s32;
+                size_t bytes = (size_t)(2 * n * it);
+                for (halves = 1; halves <= 3; halves++) {
+                    memset(want, 0x5a, bytes);
+                    memset(dec, 0x5a, bytes);
+                    ref->decode_int8(s, b->i8[blk], want, halves);
+                    c->decode_int8(s, b->i8[blk], dec, halves);
+                    diffs += differs(dec, want, bytes, &outputs);
+                    ref->decode_int4(s, b->i4[blk], want, halves);
+                    c->decode_int4(s, b->i4[blk], dec, halves);
+                    diffs += differs(dec, want, bytes, &outputs);
+                    if (it == 4) {                  /* FP16 is for float32 caches */
+                        ref->decode_fp16(s, b->fp16[blk], want, halves);
+                        c->decode_fp16(s, b->fp16[blk], dec, halves);
+                        diffs += differs(dec, want, bytes, &outputs);
+                    }
+                }
+            }
+        }
+        printf("%lld of %lld outputs differ from scalar's  %s\n", (long long)diffs,
+               (long long)outputs, diffs ? "FAIL" : "OK");
+        failures += diffs != 0;
+    }
+    free(pay);
+    free(dec);
+    free(want);
+    return failures;
 }
 
 static void make_runs(const blockset *b, int format, kv_run *runs, int *quantized)
@@ -448,6 +519,12 @@ int main(int argc, char **argv)
         printf(" %s%s", kv_attn_kernels[ki]->name,
                kv_attn_runnable(kv_attn_kernels[ki]) ? "" : "(not runnable here)");
     }
+    printf(" (selected: %s)\ncodecs compiled:", kv_attn_select(1)->name);
+    for (ki = 0; kv_codec_tables[ki]; ki++) {
+        printf(" %s%s", kv_codec_tables[ki]->name,
+               kv_cpu_runs(kv_codec_tables[ki]->needs, KV_CPU_ALL) ? "" : "(not runnable here)");
+    }
+    printf(" (selected: %s)", kv_codecs_select(1)->name);
     printf("\ncpu features: 0x%x; tolerances: vs scalar %.0e, vs double ref %.0e (f16/f32) "
            "%.0e (int8/int4)\n",
            kv_cpu_features(), tol_scalar, TOL_REF_FLOAT, TOL_REF_QUANT);
@@ -489,7 +566,7 @@ int main(int argc, char **argv)
         for (i = 0; i < nout; i++) {       /* already scaled: scores of order 1..few */
             q[i] = urand() * 3.0f / sqrtf((float)gs->D);
         }
-        printf("geometry %s: %d runs, %lld tokens, q_pos0 %lld; deq() vs kv_decode_*: "
+        printf("geometry %s: %d runs, %lld tokens, q_pos0 %lld; deq() vs the decoders: "
                "max rel diff %.2e\n",
                gname, NRUNS, (long long)total, (long long)g.q_pos0, deq_check);
         if (!(deq_check <= 1e-6)) {
@@ -497,6 +574,7 @@ int main(int argc, char **argv)
                    "the decoders\n");
             failures++;
         }
+        failures += check_codecs(gs, &b, gname);
 
         for (fi = 0; fi < NFORMATS; fi++) {
             kv_run runs[NRUNS];
