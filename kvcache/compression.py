@@ -1,7 +1,7 @@
 """Compression policy: which tier old blocks go to, and what it achieved.
 
-The codecs live in the compiled core (``src/kv_tiers.c``; LZ4 through the
-``lz4`` package).  Per block:
+The codecs live in the compiled core (``src/kv_tiers_impl.h``, one body per
+ISA; LOSSLESS packs through :mod:`kvcache.lossless`).  Per block:
 
 * ``FP16``: a float32 cache's block stored as float16 (a float16 cache is
   already there: FP16 compresses nothing in it).
