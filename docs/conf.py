@@ -12,6 +12,7 @@ the installed package (or an in-place build, ``pip install -e .``).
 
 from __future__ import annotations
 
+import doctest
 import importlib.util
 import os
 import re
@@ -59,19 +60,24 @@ numpydoc_xref_param_type = False
 
 # The compiled core embeds its signatures in the docstrings (Cython's
 # ``embedsignature``), written as C sees them: ``(self, layer_idx, ...,
-# bool prefetch=False)``.  Show them as Python callers write them.
+# bool prefetch=False)``; dataclass signatures carry their annotations as
+# strings (``hits: 'int' = 0``).  Show both as Python callers write them.
 _C_TYPE = re.compile(r"\b(?:bint|bool|int|long|double|float|object|Py_ssize_t)\s+(?=\w)")
+_STRING_ANNOTATION = re.compile(r":\s*'[^']*'")
 
 
 def _python_signature(app, what, name, obj, options, signature, return_annotation):
-    if signature and signature.startswith("(self"):
+    if not signature:
+        return None
+    if signature.startswith("(self"):
         signature = "(" + signature[len("(self"):].lstrip(", ")
         signature = _C_TYPE.sub("", signature)
-    return signature, return_annotation
+    return _STRING_ANNOTATION.sub("", signature), return_annotation
 
 
 def setup(app):
-    app.connect("autodoc-process-signature", _python_signature)
+    # Before numpydoc's own handler: the first result returned wins.
+    app.connect("autodoc-process-signature", _python_signature, priority=400)
 
 
 # The transformers integration imports torch and transformers at import time.
@@ -86,6 +92,10 @@ autodoc_mock_imports = [m for m in ("torch", "transformers")
 # docstring.  They run with ``sphinx-build -b doctest``.  Each page runs in a
 # fresh temporary working directory, so examples that save files leave
 # nothing behind.
+# Exception messages are compared too (Sphinx's default ignores them), and
+# whitespace is normalised so that long outputs may wrap.
+doctest_default_flags = (doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+                         | doctest.DONT_ACCEPT_TRUE_FOR_1)
 doctest_global_setup = """
 import os as _os, tempfile as _tempfile
 _docs_cwd = _os.getcwd()
@@ -108,6 +118,12 @@ html_theme = "pydata_sphinx_theme"
 html_title = f"kvcache {release}"
 html_theme_options = {
     "navigation_with_keys": False,
+    "header_links_before_dropdown": 6,
     "show_toc_level": 2,
 }
 html_static_path: list[str] = []
+# The top-level pages have no sub-pages: no empty "Section Navigation" column
+# beside them (it would also narrow the code examples).  The API pages keep it.
+html_sidebars = {os.path.splitext(name)[0]: []
+                 for name in os.listdir(os.path.dirname(os.path.abspath(__file__)))
+                 if name.endswith(".md")}

@@ -29,10 +29,10 @@ __all__ = ["KVCache", "DEFAULT_BLOCK_SIZE", "MAX_TOKENS"]
 
 logger = logging.getLogger("kvcache")
 
-# Tokens per block.  Measured (README, "Choosing the block size"): 64 keeps a
-# one-token update at its floor and makes keys()/values() copy 8 KiB runs per
-# head in float16; smaller blocks cost more runs per read, larger ones more
-# slack per layer and row at short contexts.
+# Tokens per block.  Measured (docs/storage_and_metrics.md, "Choosing the
+# block size"): 64 keeps a one-token update at its floor and makes
+# keys()/values() copy 8 KiB runs per head in float16; smaller blocks cost
+# more runs per read, larger ones more slack per layer and row at short contexts.
 DEFAULT_BLOCK_SIZE = 64
 # Largest capacity accepted: far beyond any context, small enough that no
 # size computed from it can overflow 64 bits.

