@@ -31,10 +31,10 @@ __all__ = ["KVCache", "DEFAULT_BLOCK_SIZE", "MAX_TOKENS"]
 
 logger = logging.getLogger("kvcache")
 
-# Tokens per block.  Measured (README, "Choosing the block size"): 64 keeps a
-# one-token update at its floor and makes keys()/values() copy 8 KiB runs per
-# head in float16; smaller blocks cost more runs per read, larger ones more
-# slack per layer and row at short contexts.
+# Tokens per block.  Measured (docs/storage_and_metrics.md, "Choosing the
+# block size"): 64 keeps a one-token update at its floor and makes
+# keys()/values() copy 8 KiB runs per head in float16; smaller blocks cost
+# more runs per read, larger ones more slack per layer and row at short contexts.
 DEFAULT_BLOCK_SIZE = 64
 # Largest capacity accepted: far beyond any context, small enough that no
 # size computed from it can overflow 64 bits.
@@ -73,64 +73,64 @@ class KVCache(KVStore):
 
     Parameters
     ----------
-    num_layers, num_kv_heads, head_dim:
+    num_layers, num_kv_heads, head_dim : int
         The model's shape.
-    max_seq_len:
+    max_seq_len : int
         Capacity in tokens of each layer (before any growth).
-    batch_size:
+    batch_size : int
         Rows per update; every row of a layer shares its length.
-    dtype:
+    dtype : {"float16", "float32"} or numpy dtype
         Storage dtype, ``"float16"`` or ``"float32"``.  Inputs of either
         dtype are accepted and cast (the fast path is an input already of the
         storage dtype).
-    block_size:
+    block_size : int, optional
         Tokens per block, a power of two (default :data:`DEFAULT_BLOCK_SIZE`):
         slot arithmetic then needs shifts, not divisions.
-    sink_tokens:
+    sink_tokens : int
         Positions ``0 .. sink_tokens - 1`` are never evicted by the ring
         (attention sinks; llama.cpp's ``n_keep``).
-    overflow:
+    overflow : {"ring", "error"}
         ``"ring"``: past capacity keep the sinks and the most recent
         ``max_seq_len - sink_tokens`` positions, reusing the evicted tokens'
         slots.  ``"error"``: raise :class:`CacheFullError`, writing nothing.
-    metrics:
+    metrics : bool
         Maintain the counters of :meth:`stats` (on by default; the cost is a
         few integer additions per call).
-    compression:
+    compression : CompressionStrategy or str, optional
         A :class:`CompressionStrategy` (or its name) for old blocks:
         ``NONE`` (default), ``FP16``, ``INT8``, ``INT4``, ``LOSSLESS``,
         ``ADAPTIVE`` (see :mod:`kvcache.compression`).
-    residual_tokens:
+    residual_tokens : int
         The most recent positions of each layer stay at full precision (128).
-    group_size, int8_group_size:
+    group_size, int8_group_size : int, optional
         Channels per quantization group of INT4 values (32, at most 256) and
         of INT8 (64); both are capped at ``head_dim`` and must divide it.
         Left at their defaults, each is the largest divisor of ``head_dim``
         not above 32 (64), so any head size works (80 -> 16 and 40).
-    keep_first:
+    keep_first : int, optional
         The first positions stay at full precision (attention sinks hold a
         large share of attention): default ``sink_tokens``, or 4 without sinks.
-    error_budget:
+    error_budget : float
         ADAPTIVE's bound on a block's relative reconstruction error (0.10).
-    auto_compress:
+    auto_compress : bool
         Compress blocks as they leave the residual window, on the update that
         moves them out (incrementally: a compressed block is never touched
         again).  Needs ``compression``.
-    background:
+    background : bool
         With ``auto_compress``: a worker thread does the compressing, off the
         update path (see :class:`kvcache.compression.BackgroundCompressor`);
         ``wait_for_compression()`` waits for it to catch up.
-    lossless_codec:
+    lossless_codec : {"lz4", "zstd"}
         ``"lz4"`` (default, the ``lz4`` package's block codec) or ``"zstd"``
         (needs the ``zstandard`` package: slower, usually smaller) for LOSSLESS
         blocks; each block records which codec packed it.
-    clock:
+    clock : callable, optional
         Time source for block ages (seconds, default ``time.monotonic``);
         inject one in tests instead of sleeping.
 
-    The update rule
-    ---------------
-    ``update(layer_idx, k, v, seq_len)`` writes the ``t = k.shape[2]`` given
+    Notes
+    -----
+    The update rule: ``update(layer_idx, k, v, seq_len)`` writes the ``t = k.shape[2]`` given
     tokens at positions ``seq_len - t .. seq_len - 1`` and sets the layer's
     length to ``seq_len``, dropping everything at or beyond it: an append
     when ``seq_len - t`` equals the length, an in-place overwrite when

@@ -52,6 +52,8 @@ class GrowthStrategy:
 
 @dataclass(frozen=True)
 class Exponential(GrowthStrategy):
+    """Multiplies capacity by ``factor`` (> 1) until the tokens fit."""
+
     factor: float = 1.5
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class Exponential(GrowthStrategy):
 
 @dataclass(frozen=True)
 class Linear(GrowthStrategy):
+    """Adds ``increment`` tokens (>= 1) at a time until the tokens fit."""
+
     increment: int = 1024
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Accuracy of KVCache.attention on the real SmolLM2 data (tests/data): a README table.
+"""Accuracy of KVCache.attention on the real SmolLM2 data (tests/data): docs/attention.md's table.
 
     python tools/attention_report.py [--json PATH]
 

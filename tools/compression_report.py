@@ -1,4 +1,4 @@
-"""Compression figures on the real SmolLM2 K/V (tests/data): the README's table.
+"""Compression figures on the real SmolLM2 K/V (tests/data): docs/compression.md's table.
 
     python tools/compression_report.py [--json PATH]
 
