@@ -50,7 +50,7 @@ import numpy as np
 from . import _core, lossless
 from ._version import __version__
 from .compression import CompressionStrategy
-from .config import CacheConfig, checked_field
+from .config import MAX_TOKENS, CacheConfig, checked_field
 from .growth import Adaptive, Exponential, GrowthStrategy, Linear
 
 __all__ = ["CacheFormatError", "FORMAT_VERSION", "MAGIC", "SaveRecord", "write", "read",
@@ -90,9 +90,10 @@ class SaveRecord:
     ``_export`` returns and ``_import`` takes, for every layer: per layer
     ``(n, lo, cap)`` and its block table (int32 ``[batch, nblk]``, indices
     into ``blocks``, -1 where none); per stored block ``(tier, flags,
-    exact_rows, age_seconds, payload)``.  ``growth`` and ``max_capacity``:
-    the growth policy, or None.  ``saved_layers`` and ``prefix`` say what
-    the writer chose to save (the other layers are recorded empty).
+    exact_rows, age_seconds, payload)``.  ``growth``: the growth policy, or
+    None; ``max_capacity``: where growth stops (None: unbounded).
+    ``saved_layers`` and ``prefix`` say what the writer chose to save (the
+    other layers are recorded empty).
 
     A record :func:`read` returns with ``mmap=True`` has payloads that are
     views of a read-only map of the file, unmapped when the last goes.
@@ -134,7 +135,8 @@ def _describe_growth(record: SaveRecord) -> dict | None:
         return None
     for kind, (cls, fields) in _GROWTH.items():
         if type(strategy) is cls:
-            return {"kind": kind, "max_capacity": record.max_capacity,
+            cap = MAX_TOKENS if record.max_capacity is None else record.max_capacity
+            return {"kind": kind, "max_capacity": cap,
                     **{f: getattr(strategy, f) for f in fields}}
     warnings.warn(f"the growth strategy {type(strategy).__name__} cannot be saved; "
                   "the loaded cache will not grow (enable_dynamic_growth after load)",
@@ -143,7 +145,12 @@ def _describe_growth(record: SaveRecord) -> dict | None:
 
 
 def write(path, record: SaveRecord) -> int:
-    """Write ``record`` to ``path`` atomically; returns the file's size in bytes."""
+    """Write ``record`` to ``path`` atomically; returns the file's size in bytes.
+
+    The record is written as given (:func:`read` is what checks a file).  A
+    growth policy other than the built-in ones cannot be described: it is
+    left out, with a warning.
+    """
     path = os.fspath(path)
     saved = (list(range(record.config.num_layers)) if record.saved_layers is None
              else record.saved_layers)
