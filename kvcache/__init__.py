@@ -13,8 +13,10 @@ except ImportError as exc:  # pragma: no cover - depends on how it was installed
             "with `pip install -e .`."
         ) from exc
     raise
+from ._version import __version__  # noqa: F401
 from .cache import DEFAULT_BLOCK_SIZE, KVCache
 from .compression import CompressionStats, CompressionStrategy
+from .config import CacheConfig
 from .fileformat import CacheFormatError
 from .growth import GrowthStrategy
 from .runtime import (
@@ -28,8 +30,7 @@ from .runtime import (
 )
 from .stats import CacheStats
 
-__all__ = ["KVCache", "GrowthStrategy", "CacheStats", "CacheFullError", "CacheFormatError",
-           "CompressionStrategy", "CompressionStats", "DEFAULT_BLOCK_SIZE", "backend",
-           "available_backends", "compiled_backends", "set_backend", "cpu_features",
-           "runtime_info", "show_runtime"]
-__version__ = "0.1.0"
+__all__ = ["KVCache", "CacheConfig", "GrowthStrategy", "CacheStats", "CacheFullError",
+           "CacheFormatError", "CompressionStrategy", "CompressionStats", "DEFAULT_BLOCK_SIZE",
+           "backend", "available_backends", "compiled_backends", "set_backend",
+           "cpu_features", "runtime_info", "show_runtime"]

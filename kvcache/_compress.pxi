@@ -40,18 +40,12 @@ cdef object _candidates(KVStore s, const kv_layer *L):
     cdef int64_t j, r, q, k = 0
     cdef int32_t bid
     cdef kv_block *b
-    cdef kv_walk w
-    cdef kv_span sp
     cdef bint seen
     if held == NULL:
         raise MemoryError("cannot allocate the candidate scan")
     try:
         end = held + L.nblk
-        memset(held, 0, 2 * L.nblk * sizeof(int64_t))
-        _walk_held(s, L.lo, L.n, &w)
-        while _next(s, L, &w, &sp):
-            held[sp.blk] += sp.n
-            end[sp.blk] = _max(end[sp.blk], sp.pos + sp.n)
+        _count_held(s, L, L.lo, L.n, held, end)
         out = <kv_candidate *>PyMem_RawMalloc(_max(1, s.batch * L.nblk) * sizeof(kv_candidate))
         if out == NULL:
             raise MemoryError("cannot allocate the candidate list")

@@ -431,15 +431,20 @@ cdef class KVStore:
         verbatim (what a saved block of that tier must hold)."""
         return _payload_size(self, tier, exact)
 
-    def _held_slots(self, int64_t n, int64_t lo, int64_t cap):
-        """[ceil(cap / block_size) * block_size] bool: the slots a layer of
-        capacity `cap` with window [lo, n) holds (the loader checks tables
-        against it)."""
+    def _held_entries(self, int64_t n, int64_t lo, int64_t cap):
+        """int64 [ceil(cap / block_size)]: held positions per table entry of a
+        layer of capacity `cap` with window [lo, n) (the loader checks save
+        files' tables against it)."""
         cdef kv_layer L
         memset(&L, 0, sizeof(kv_layer))
+        if cap <= self.sinks or not 0 <= lo <= n:
+            raise ValueError(f"no layer has capacity {cap}, window [{lo}, {n}) and "
+                             f"{self.sinks} sinks")
         L.cap = cap
         L.nblk = _ceil_div(cap, self.block_size)
-        return _held_slots(self, &L, lo, n)
+        out = np.empty(L.nblk, dtype=np.int64)
+        _count_held(self, &L, lo, n, <int64_t *>cnp.PyArray_DATA(out), NULL)
+        return out
 
     def _export(self, layers, int64_t prefix):
         """What ``save`` writes (see kvcache.fileformat), one layer at a time.

@@ -81,9 +81,26 @@ cdef inline bint _next(KVStore s, const kv_layer *L, kv_walk *w, kv_span *sp) no
     return True
 
 
+cdef void _count_held(KVStore s, const kv_layer *L, int64_t lo, int64_t n, int64_t *held,
+                      int64_t *end) noexcept nogil:
+    """Per table entry, for a window [lo, n): the held positions in its slots
+    (`held`, L.nblk of them, zeroed first) and, when `end` is not NULL, one
+    past the highest of them."""
+    cdef kv_walk w
+    cdef kv_span sp
+    memset(held, 0, L.nblk * sizeof(int64_t))
+    if end != NULL:
+        memset(end, 0, L.nblk * sizeof(int64_t))
+    _walk_held(s, lo, n, &w)
+    while _next(s, L, &w, &sp):
+        held[sp.blk] += sp.n
+        if end != NULL:
+            end[sp.blk] = _max(end[sp.blk], sp.pos + sp.n)
+
+
 cdef cnp.ndarray _held_slots(KVStore s, const kv_layer *L, int64_t lo, int64_t n):
     """[nblk * block_size] bool: the slots holding the layer's held positions
-    for a window [lo, n) (the exporter and the loader's checks use it)."""
+    for a window [lo, n) (the exporter zeroes the others)."""
     cdef cnp.ndarray out = np.zeros(L.nblk * s.block_size, dtype=np.bool_)
     cdef char *m = <char *>cnp.PyArray_DATA(out)
     cdef kv_walk w

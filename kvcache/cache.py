@@ -6,7 +6,6 @@ import datetime
 import logging
 import math
 import numbers
-import operator
 import os
 import threading
 import time
@@ -15,6 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from . import fileformat
 from ._core import KVStore
 from .compression import (
     BackgroundCompressor,
@@ -24,48 +24,13 @@ from .compression import (
     policy_for,
     release_freed_memory,
 )
+from .config import DEFAULT_BLOCK_SIZE, MAX_TOKENS, CacheConfig, _positive_int
 from .growth import GrowthStrategy
 from .stats import COUNTER_DTYPE, CacheStats
 
 __all__ = ["KVCache", "DEFAULT_BLOCK_SIZE", "MAX_TOKENS"]
 
 logger = logging.getLogger("kvcache")
-
-# Tokens per block.  Measured (docs/storage_and_metrics.md, "Choosing the
-# block size"): 64 keeps a one-token update at its floor and makes
-# keys()/values() copy 8 KiB runs per head in float16; smaller blocks cost
-# more runs per read, larger ones more slack per layer and row at short contexts.
-DEFAULT_BLOCK_SIZE = 64
-# Largest capacity accepted: far beyond any context, small enough that no
-# size computed from it can overflow 64 bits.
-MAX_TOKENS = 2**40
-
-_DTYPE_NAMES = {np.dtype("float16"): "float16", np.dtype("float32"): "float32"}
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-    """The largest divisor of n that is at most limit."""
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
-def _positive_int(name: str, value, minimum: int = 1, maximum: int = MAX_TOKENS) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if not minimum <= v <= maximum:
-        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {v}")
-    return v
-
-
-def _dtype_name(dtype) -> str:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be 'float16' or 'float32', got {dtype!r}") from None
-    if dt not in _DTYPE_NAMES:
-        raise TypeError(f"dtype must be 'float16' or 'float32', got {dt}")
-    return _DTYPE_NAMES[dt]
 
 
 class KVCache(KVStore):
@@ -103,10 +68,11 @@ class KVCache(KVStore):
     residual_tokens : int
         The most recent positions of each layer stay at full precision (128).
     group_size, int8_group_size : int, optional
-        Channels per quantization group of INT4 values (32, at most 256) and
-        of INT8 (64); both are capped at ``head_dim`` and must divide it.
-        Left at their defaults, each is the largest divisor of ``head_dim``
-        not above 32 (64), so any head size works (80 -> 16 and 40).
+        Channels per quantization group of INT4 values (at most 256) and of
+        INT8; a size given is capped at ``head_dim`` and must divide it.
+        Left at None (the default), each is the largest divisor of
+        ``head_dim`` not above 32 (64), so any head size works (80 -> 20
+        and 40).
     keep_first : int, optional
         The first positions stay at full precision (attention sinks hold a
         large share of attention): default ``sink_tokens``, or 4 without sinks.
@@ -130,6 +96,10 @@ class KVCache(KVStore):
 
     Notes
     -----
+    Every option but ``clock`` is checked by, and kept as, a
+    :class:`kvcache.CacheConfig` (:attr:`config`); the options are also
+    attributes of the cache, as applied (``cache.group_size`` ...).
+
     The update rule: ``update(layer_idx, k, v, seq_len)`` writes the ``t = k.shape[2]`` given
     tokens at positions ``seq_len - t .. seq_len - 1`` and sets the layer's
     length to ``seq_len``, dropping everything at or beyond it: an append
@@ -150,84 +120,60 @@ class KVCache(KVStore):
                  max_seq_len: int = 4096, batch_size: int = 1, dtype="float16",
                  block_size: int | None = None, sink_tokens: int = 0,
                  overflow: str = "ring", metrics: bool = True, compression=None,
-                 residual_tokens: int = 128, group_size: int = 32,
+                 residual_tokens: int = 128, group_size: int | None = None,
                  int8_group_size: int | None = None, keep_first: int | None = None,
                  error_budget: float = 0.10, auto_compress: bool = False,
                  background: bool = False, lossless_codec: str = "lz4",
                  clock=None) -> None:
-        num_layers = _positive_int("num_layers", num_layers, maximum=1 << 20)
-        num_kv_heads = _positive_int("num_kv_heads", num_kv_heads, maximum=1 << 16)
-        head_dim = _positive_int("head_dim", head_dim, maximum=1 << 16)
-        max_seq_len = _positive_int("max_seq_len", max_seq_len)
-        batch_size = _positive_int("batch_size", batch_size, maximum=1 << 20)
-        block_size = _positive_int("block_size", DEFAULT_BLOCK_SIZE if block_size is None
-                                   else block_size, maximum=1 << 20)
-        sink_tokens = _positive_int("sink_tokens", sink_tokens, minimum=0)
-        if block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {block_size}")
-        name = _dtype_name(dtype)
-        if overflow not in ("ring", "error"):
-            raise ValueError(f"overflow must be 'ring' or 'error', got {overflow!r}")
-        if sink_tokens >= max_seq_len:
-            raise ValueError(f"sink_tokens ({sink_tokens}) must be smaller than max_seq_len "
-                             f"({max_seq_len}) to leave room for a window")
-        token_bytes = 2 * batch_size * num_kv_heads * head_dim * np.dtype(name).itemsize
-        if token_bytes * block_size > 1 << 40:
-            raise ValueError(f"one block would take {token_bytes * block_size} bytes; "
-                             "reduce block_size, heads, head_dim or batch_size")
-        strategy = CompressionStrategy.coerce(compression)
-        residual_tokens = _positive_int("residual_tokens", residual_tokens, minimum=0)
-        keep_first = _positive_int("keep_first", (sink_tokens or 4) if keep_first is None
-                                   else keep_first, minimum=0)
-        # Group sizes are capped at head_dim (a group never spans two tokens).
-        g4 = min(_positive_int("group_size", group_size, maximum=256), head_dim)
-        if group_size == 32:               # the default: fit it to the head size
-            g4 = _largest_divisor(head_dim, 32)
-        g8 = (_largest_divisor(head_dim, 64) if int8_group_size is None else
-              min(_positive_int("int8_group_size", int8_group_size, maximum=1 << 16), head_dim))
-        for label, g in (("group_size", g4), ("int8_group_size", g8)):
-            if head_dim % g:
-                raise ValueError(f"{label} ({g}) must divide head_dim ({head_dim})")
-        if strategy in (CompressionStrategy.INT4, CompressionStrategy.ADAPTIVE) and head_dim % 2:
-            raise ValueError(f"INT4 packs two channels per byte: head_dim must be even, "
-                             f"got {head_dim}")
-        if not (isinstance(error_budget, (int, float)) and 0 <= error_budget < math.inf):
-            raise ValueError(f"error_budget must be a finite number >= 0, got {error_budget!r}")
-        if auto_compress and strategy is CompressionStrategy.NONE:
-            raise ValueError("auto_compress needs a compression strategy")
-        if background and not auto_compress:
-            raise ValueError("background=True compresses automatically: it needs "
-                             "auto_compress=True")
-        if lossless_codec not in ("lz4", "zstd"):
-            raise ValueError(f"lossless_codec must be 'lz4' or 'zstd', got {lossless_codec!r}")
+        config = CacheConfig(
+            num_layers, num_kv_heads, head_dim, max_seq_len=max_seq_len,
+            batch_size=batch_size, dtype=dtype, block_size=block_size,
+            sink_tokens=sink_tokens, overflow=overflow, metrics=metrics,
+            compression=compression, residual_tokens=residual_tokens, group_size=group_size,
+            int8_group_size=int8_group_size, keep_first=keep_first, error_budget=error_budget,
+            auto_compress=auto_compress, background=background, lossless_codec=lossless_codec)
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be callable, got {type(clock).__name__}")
-        self._init_store(num_layers, num_kv_heads, head_dim, max_seq_len, batch_size, name,
-                         block_size, sink_tokens, overflow == "ring", bool(metrics),
-                         g8, g4, clock)
-        self.compression = strategy
-        self.group_size = g4            # as applied (defaults fitted to head_dim)
-        self.int8_group_size = g8
-        self.residual_tokens = residual_tokens
-        self.keep_first = keep_first
-        self.error_budget = float(error_budget)
-        self.auto_compress = bool(auto_compress)
+        c = self._config = config
+        self._init_store(c.num_layers, c.num_kv_heads, c.head_dim, c.max_seq_len,
+                         c.batch_size, c.dtype, c.block_size, c.sink_tokens,
+                         c.overflow == "ring", c.metrics, c.int8_group_size, c.group_size,
+                         clock)
         self._auto_stats = CompressionStats()
         # Guards the Python-side counters (growth, automatic compression):
         # threads growing or compressing different layers update them at once.
         self._counter_lock = threading.Lock()
         self.auto_compression_errors: list = []
         self._freed_since_trim = 0
-        self._background = BackgroundCompressor(self) if background else None
-        self._set_lossless_codec(lossless_codec)
-        self.lossless_codec = lossless_codec
+        self._background = BackgroundCompressor(self) if c.background else None
+        self._set_lossless_codec(c.lossless_codec)
         self._policy = None
-        self.compression_policy = policy_for(strategy, residual_tokens, keep_first,
-                                             error_budget)
+        self.compression_policy = policy_for(c.compression, c.residual_tokens, c.keep_first,
+                                             c.error_budget)
         self._strategy: GrowthStrategy | None = None
         self._growths = 0
         self._growth_bytes = 0
         self._growth_seconds = 0.0
+
+    @property
+    def config(self) -> CacheConfig:
+        """The options this cache was built with, as applied (see
+        :class:`CacheConfig`), with its current ``batch_size``
+        (:meth:`reorder_batch` changes it)."""
+        if self._config.batch_size != self.batch_size:
+            self._config = replace(self._config, batch_size=self.batch_size)
+        return self._config
+
+    # The configuration's compression options, read-only (the config is the
+    # one place they are kept).
+    compression = property(lambda self: self._config.compression)
+    residual_tokens = property(lambda self: self._config.residual_tokens)
+    keep_first = property(lambda self: self._config.keep_first)
+    error_budget = property(lambda self: self._config.error_budget)
+    auto_compress = property(lambda self: self._config.auto_compress)
+    lossless_codec = property(lambda self: self._config.lossless_codec)
+    group_size = property(lambda self: self._config.group_size)
+    int8_group_size = property(lambda self: self._config.int8_group_size)
 
     @property
     def token_bytes(self) -> int:
@@ -462,8 +408,53 @@ class KVCache(KVStore):
         growth policy are saved; statistics counters are not.  Do not update
         the cache from another thread while it saves.
         """
-        from .fileformat import save
-        return save(self, path, layers, prefix)
+        saved = self._layers_to_save(layers)
+        cut = self._prefix_to_save(saved, prefix)
+        # A background compressor closed since construction is not restored.
+        config = replace(self.config, background=self._background is not None)
+        record = fileformat.SaveRecord.from_export(
+            config, self._export(saved, -1 if cut is None else cut), saved, cut,
+            self._strategy, self._max_capacity if self._strategy is not None else None)
+        return fileformat.write(path, record)
+
+    def _layers_to_save(self, layers) -> list[int]:
+        if layers is None:
+            return list(range(self.num_layers))
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"layers must be a sequence of layer indices or None, "
+                            f"got {type(layers).__name__}")
+        out = []
+        for li in layers:
+            if isinstance(li, (bool, np.bool_)) or not isinstance(li, (int, np.integer)):
+                raise TypeError(f"layer indices must be integers, got {type(li).__name__}")
+            if not 0 <= li < self.num_layers:
+                raise IndexError(f"layer index {li} out of range for {self.num_layers} layers")
+            out.append(int(li))
+        if len(set(out)) != len(out):
+            raise ValueError(f"layers must not repeat an index, got {out}")
+        return sorted(out)
+
+    def _prefix_to_save(self, layers: list[int], prefix) -> int | None:
+        if prefix is None:
+            return None
+        if isinstance(prefix, (bool, np.bool_)) or not isinstance(prefix, (int, np.integer)):
+            raise TypeError(f"prefix must be an integer number of positions, "
+                            f"got {type(prefix).__name__}")
+        prefix = int(prefix)
+        if prefix < 0:
+            raise ValueError(f"prefix must be >= 0, got {prefix}")
+        for li in layers:
+            held = self.positions(li)
+            if prefix > self.seq_len(li):
+                raise ValueError(f"prefix {prefix} is longer than layer {li} "
+                                 f"({self.seq_len(li)} positions)")
+            if prefix and (prefix > len(held) or held[prefix - 1] != prefix - 1):
+                gaps = np.flatnonzero(held != np.arange(len(held)))
+                first_gap = int(gaps[0]) if gaps.size else len(held)
+                raise ValueError(f"prefix {prefix} includes positions layer {li}'s ring "
+                                 f"already evicted (from {first_gap}); at most {first_gap} "
+                                 "can be saved")
+        return prefix
 
     @classmethod
     def load(cls, path, mmap: bool = False, *, clock=None) -> KVCache:
@@ -478,11 +469,37 @@ class KVCache(KVStore):
         peak memory); either way the cache owns copies of its blocks, so the
         file may change or go once ``load`` returns.  ``clock``: as for the
         constructor.
+
+        Called on a subclass, it builds that subclass, passing the saved
+        configuration as :class:`KVCache`'s keyword arguments (and ``clock``).
         """
-        if cls is not KVCache:
-            raise TypeError("load builds a KVCache; subclasses are not supported")
-        from .fileformat import load
-        return load(path, mmap=mmap, clock=clock)
+        return cls._from_record(fileformat.read(path, mmap=mmap), clock)
+
+    @classmethod
+    def loads(cls, data, *, clock=None) -> KVCache:
+        """:meth:`load` from the bytes of a save file."""
+        return cls._from_record(fileformat.parse(data), clock)
+
+    @classmethod
+    def _from_record(cls, record: fileformat.SaveRecord, clock) -> KVCache:
+        # Built without its background worker, which starts once the blocks
+        # are in (it must not see a half-imported cache).
+        try:
+            cache = cls(**{**record.config.kwargs(), "background": False}, clock=clock)
+        except MemoryError as exc:
+            raise MemoryError(f"not enough memory for the saved configuration: {exc}") from exc
+        try:
+            cache._import(record.states, record.tables, record.blocks)
+        except BaseException:
+            cache.close()
+            raise
+        if record.growth is not None:
+            cache._strategy = record.growth
+            cache._set_growth(True, record.max_capacity)
+        if record.config.background:
+            cache._background = BackgroundCompressor(cache)
+        cache._config = record.config
+        return cache
 
     # ---------------------------------------------------------------- metrics
 

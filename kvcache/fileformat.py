@@ -1,7 +1,10 @@
-"""The save file of a :class:`~kvcache.KVCache`: versioned, checksummed, written atomically.
+"""The save file of a kvcache: versioned, checksummed, written atomically.
 
-``KVCache.save`` and ``KVCache.load`` are the API; this module holds the
-format, its writer and its validating reader.
+``KVCache.save`` and ``KVCache.load`` are the API.  This module holds the
+format: :func:`write` puts a :class:`SaveRecord` (the configuration, the
+growth policy, and what the compiled core's ``_export`` returns) in a file,
+:func:`read` and :func:`parse` give one back, validated.  It knows nothing
+of ``KVCache``: any cache that can export and import a record can use it.
 
 Layout (integers little-endian)::
 
@@ -25,7 +28,7 @@ saved one did.  A block several batch rows share is stored once.
 The reader trusts nothing: every size is checked against the file's length
 before anything is allocated, every checksum before any byte is used, every
 table entry and layer state against the invariants of the store, and only
-then is a cache built.  Anything wrong raises :class:`CacheFormatError`
+then is a record returned.  Anything wrong raises :class:`CacheFormatError`
 naming it.
 """
 
@@ -40,18 +43,18 @@ import sys
 import tempfile
 import warnings
 import zlib
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core
+from . import _core, lossless
+from ._version import __version__
 from .compression import CompressionStrategy
-from .growth import Adaptive, Exponential, Linear
+from .config import MAX_TOKENS, CacheConfig, checked_field
+from .growth import Adaptive, Exponential, GrowthStrategy, Linear
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .cache import KVCache
-
-__all__ = ["CacheFormatError", "FORMAT_VERSION", "MAGIC", "save", "load", "loads"]
+__all__ = ["CacheFormatError", "FORMAT_VERSION", "MAGIC", "SaveRecord", "write", "read",
+           "parse"]
 
 MAGIC = b"KVCACHE\0"
 FORMAT_VERSION = 1
@@ -61,24 +64,13 @@ BLOCK_DTYPE = np.dtype([("offset", "<u8"), ("nbytes", "<u8"), ("age", "<f8"),
                         ("crc", "<u4"), ("exact_rows", "<i4"), ("tier", "u1"),
                         ("flags", "u1"), ("_pad", "u1", (6,))])
 _TABLE_DTYPE = np.dtype("<i4")
-# LZ4's block format expands at most 255-fold: a LOSSLESS block claiming more
-# is corrupt (and would make the check allocate far beyond the file's size).
-_LZ4_MAX_RATIO = 255
-# zstd has no such limit (a block of zeros packs ~3000-fold), so the blocks a
-# file may unpack while it is checked are bounded in total instead: at most
-# this many times the file's size (plus a constant), which keeps a hostile
-# file from making the check run for minutes.
+# zstd has no bound on its expansion (a block of zeros packs ~3000-fold), so
+# the blocks a file may unpack while it is checked are bounded in total: at
+# most this many times the file's size (plus a constant), which keeps a
+# hostile file from making the check run for minutes.  (LZ4's 255-fold bound
+# is checked per block by kvcache.lossless.)
 _ZSTD_BUDGET_RATIO = 1024
 _ZSTD_BUDGET_EXTRA = 64 << 20
-
-# The configuration recorded: KVCache's constructor arguments and their types.
-_CONFIG_TYPES = {
-    "num_layers": int, "num_kv_heads": int, "head_dim": int, "max_seq_len": int,
-    "batch_size": int, "dtype": str, "block_size": int, "sink_tokens": int,
-    "overflow": str, "metrics": bool, "compression": str, "residual_tokens": int,
-    "group_size": int, "int8_group_size": int, "keep_first": int, "error_budget": float,
-    "auto_compress": bool, "background": bool, "lossless_codec": str,
-}
 _GROWTH = {"exponential": (Exponential, {"factor": float}),
            "linear": (Linear, {"increment": int}),
            "adaptive": (Adaptive, {"horizon_s": float, "min_factor": float,
@@ -90,107 +82,89 @@ class CacheFormatError(ValueError):
     of an unknown version, or inconsistent.  The message names what is wrong."""
 
 
+@dataclass
+class SaveRecord:
+    """What a save file holds, as plain values.
+
+    ``states``, ``tables`` and ``blocks`` are what the compiled core's
+    ``_export`` returns and ``_import`` takes, for every layer: per layer
+    ``(n, lo, cap)`` and its block table (int32 ``[batch, nblk]``, indices
+    into ``blocks``, -1 where none); per stored block ``(tier, flags,
+    exact_rows, age_seconds, payload)``.  ``growth``: the growth policy, or
+    None; ``max_capacity``: where growth stops (None: unbounded).
+    ``saved_layers`` and ``prefix`` say what the writer chose to save (the
+    other layers are recorded empty).
+
+    A record :func:`read` returns with ``mmap=True`` has payloads that are
+    views of a read-only map of the file, unmapped when the last goes.
+    """
+
+    config: CacheConfig
+    states: list
+    tables: list
+    blocks: list
+    growth: GrowthStrategy | None = None
+    max_capacity: int | None = None
+    saved_layers: list | None = None
+    prefix: int | None = None
+
+    @classmethod
+    def from_export(cls, config: CacheConfig, exported, saved_layers, prefix=None,
+                    growth=None, max_capacity=None) -> SaveRecord:
+        """The record of ``_export(saved_layers, prefix)``'s result: the
+        layers not saved are recorded empty, at the configured capacity."""
+        states, tables, blocks = exported
+        by_layer = dict(zip(saved_layers, zip(states, tables)))
+        empty_blk = -(-config.max_seq_len // config.block_size)
+        all_states, all_tables = [], []
+        for li in range(config.num_layers):
+            state, table = by_layer.get(li, ((0, 0, config.max_seq_len), None))
+            if table is None:
+                table = np.full((config.batch_size, empty_blk), -1, dtype=np.int32)
+            all_states.append(tuple(state))
+            all_tables.append(table)
+        return cls(config, all_states, all_tables, list(blocks), growth, max_capacity,
+                   list(saved_layers), prefix)
+
+
 # ------------------------------------------------------------------- writing
 
-def _config(cache: KVCache) -> dict:
-    return {
-        "num_layers": cache.num_layers, "num_kv_heads": cache.num_kv_heads,
-        "head_dim": cache.head_dim, "max_seq_len": cache.max_seq_len,
-        "batch_size": cache.batch_size, "dtype": str(cache.dtype),
-        "block_size": cache.block_size, "sink_tokens": cache.sink_tokens,
-        "overflow": cache.overflow, "metrics": bool(cache.metrics_enabled),
-        "compression": cache.compression.name, "residual_tokens": cache.residual_tokens,
-        "group_size": cache.group_size, "int8_group_size": cache.int8_group_size,
-        "keep_first": cache.keep_first, "error_budget": float(cache.error_budget),
-        "auto_compress": bool(cache.auto_compress),
-        "background": cache._background is not None,
-        "lossless_codec": cache.lossless_codec,
-    }
-
-
-def _growth(cache: KVCache) -> dict | None:
-    strategy = cache.growth_strategy
+def _describe_growth(record: SaveRecord) -> dict | None:
+    strategy = record.growth
     if strategy is None:
         return None
     for kind, (cls, fields) in _GROWTH.items():
         if type(strategy) is cls:
-            return {"kind": kind, "max_capacity": cache._max_capacity,
+            cap = MAX_TOKENS if record.max_capacity is None else record.max_capacity
+            return {"kind": kind, "max_capacity": cap,
                     **{f: getattr(strategy, f) for f in fields}}
     warnings.warn(f"the growth strategy {type(strategy).__name__} cannot be saved; "
                   "the loaded cache will not grow (enable_dynamic_growth after load)",
-                  UserWarning, stacklevel=3)
+                  UserWarning, stacklevel=4)
     return None
 
 
-def _check_layers(cache: KVCache, layers) -> list[int]:
-    if layers is None:
-        return list(range(cache.num_layers))
-    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-        raise TypeError(f"layers must be a sequence of layer indices or None, "
-                        f"got {type(layers).__name__}")
-    out = []
-    for li in layers:
-        if isinstance(li, (bool, np.bool_)) or not isinstance(li, (int, np.integer)):
-            raise TypeError(f"layer indices must be integers, got {type(li).__name__}")
-        if not 0 <= li < cache.num_layers:
-            raise IndexError(f"layer index {li} out of range for {cache.num_layers} layers")
-        out.append(int(li))
-    if len(set(out)) != len(out):
-        raise ValueError(f"layers must not repeat an index, got {out}")
-    return sorted(out)
+def write(path, record: SaveRecord) -> int:
+    """Write ``record`` to ``path`` atomically; returns the file's size in bytes.
 
-
-def _check_prefix(cache: KVCache, layers: list[int], prefix) -> int:
-    if prefix is None:
-        return -1
-    if isinstance(prefix, (bool, np.bool_)) or not isinstance(prefix, (int, np.integer)):
-        raise TypeError(f"prefix must be an integer number of positions, "
-                        f"got {type(prefix).__name__}")
-    prefix = int(prefix)
-    if prefix < 0:
-        raise ValueError(f"prefix must be >= 0, got {prefix}")
-    for li in layers:
-        held = cache.positions(li)
-        if prefix > cache.seq_len(li):
-            raise ValueError(f"prefix {prefix} is longer than layer {li} "
-                             f"({cache.seq_len(li)} positions)")
-        if prefix and (prefix > len(held) or held[prefix - 1] != prefix - 1):
-            gaps = np.flatnonzero(held != np.arange(len(held)))
-            first_gap = int(gaps[0]) if gaps.size else len(held)
-            raise ValueError(f"prefix {prefix} includes positions layer {li}'s ring already "
-                             f"evicted (from {first_gap}); at most {first_gap} can be saved")
-    return prefix
-
-
-def save(cache: KVCache, path, layers=None, prefix=None) -> int:
-    """Write ``cache`` to ``path`` atomically; returns the file's size in bytes.
-
-    See :meth:`kvcache.KVCache.save`.
+    The record is written as given (:func:`read` is what checks a file).  A
+    growth policy other than the built-in ones cannot be described: it is
+    left out, with a warning.
     """
     path = os.fspath(path)
-    saved = _check_layers(cache, layers)
-    cut = _check_prefix(cache, saved, prefix)
-    growth = _growth(cache)
-    states, tables, blocks = cache._export(saved, cut)
-    # Layers not saved are recorded empty, at the configured capacity.
-    by_layer = dict(zip(saved, zip(states, tables)))
-    empty_blk = -(-cache.max_seq_len // cache.block_size)
-    layer_states, layer_tables = [], []
-    for li in range(cache.num_layers):
-        state, table = by_layer.get(li, ((0, 0, cache.max_seq_len), None))
-        if table is None:
-            table = np.full((cache.batch_size, empty_blk), -1, dtype=np.int32)
-        layer_states.append(list(state))
-        layer_tables.append(table)
+    saved = (list(range(record.config.num_layers)) if record.saved_layers is None
+             else record.saved_layers)
     description = {
-        "format": "kvcache", "kvcache_version": _version(),
-        "byteorder": sys.byteorder, "config": _config(cache), "growth": growth,
-        "layers": layer_states, "saved_layers": saved,
-        "prefix": None if cut < 0 else cut, "blocks": len(blocks),
+        "format": "kvcache", "kvcache_version": __version__,
+        "byteorder": sys.byteorder, "config": record.config.to_dict(),
+        "growth": _describe_growth(record),
+        "layers": [list(s) for s in record.states], "saved_layers": saved,
+        "prefix": record.prefix, "blocks": len(record.blocks),
     }
     text = json.dumps(description, separators=(",", ":")).encode()
+    blocks = record.blocks
     index = np.zeros(len(blocks), dtype=BLOCK_DTYPE)
-    table_bytes = b"".join(t.astype(_TABLE_DTYPE, copy=False).tobytes() for t in layer_tables)
+    table_bytes = b"".join(t.astype(_TABLE_DTYPE, copy=False).tobytes() for t in record.tables)
     meta_len = len(text) + len(table_bytes) + index.nbytes
     offset = PREAMBLE_BYTES + meta_len
     for i, (tier, flags, exact, age, data) in enumerate(blocks):
@@ -201,11 +175,6 @@ def save(cache: KVCache, path, layers=None, prefix=None) -> int:
     head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
     _write_atomically(path, [head, meta] + [b[4] for b in blocks])
     return offset
-
-
-def _version() -> str:
-    from . import __version__
-    return __version__
 
 
 def _write_atomically(path: str, parts) -> None:
@@ -253,8 +222,13 @@ def _fsync_dir(directory: str) -> None:
 
 # ------------------------------------------------------------------- reading
 
-def load(path, mmap: bool = False, clock=None) -> KVCache:
-    """Read a cache written by :func:`save`.  See :meth:`kvcache.KVCache.load`."""
+def read(path, mmap: bool = False) -> SaveRecord:
+    """The record in the file at ``path``, validated (see :func:`parse`).
+
+    ``mmap=True`` reads through a read-only memory map instead of one
+    file-sized buffer (lower peak memory); the record's payloads are then
+    views of the map, which stays open as long as they live.
+    """
     path = os.fspath(path)
     with open(path, "rb") as f:
         if not mmap:
@@ -267,36 +241,35 @@ def load(path, mmap: bool = False, clock=None) -> KVCache:
             data = b""                           # mmap cannot map an empty file
         else:
             data = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
-    try:
-        return _parse(memoryview(data), clock)
-    finally:
-        if isinstance(data, _mmap.mmap):
-            try:
-                data.close()
-            except BufferError:     # a traceback still holds a view: GC unmaps it
-                pass
+    return parse(data)
 
 
-def loads(data, clock=None) -> KVCache:
-    """A cache from the bytes of a save file (what the fuzzer drives)."""
-    return _parse(memoryview(data).cast("B"), clock)
+def parse(data) -> SaveRecord:
+    """The record in ``data``, the bytes of a save file (what the fuzzer
+    drives); the payloads are views of ``data``.  Raises
+    :class:`CacheFormatError` naming what is wrong."""
+    return _parse(memoryview(data).cast("B"))
 
 
 def _fail(message: str):
     raise CacheFormatError(message)
 
 
-def _parse(buf: memoryview, clock) -> KVCache:
-    from .cache import KVCache
-
-    size = len(buf)
-    if size < PREAMBLE_BYTES:
-        _fail(f"truncated: the file has {size} bytes, a kvcache file starts with a "
+def _check_magic(buf: memoryview) -> None:
+    """First of all, whether this is a kvcache file at all: a file too short
+    to hold a preamble is "truncated" only if it starts as one would."""
+    head = bytes(buf[:len(MAGIC)])
+    if head != MAGIC[:len(head)]:
+        _fail(f"not a kvcache file: it starts with {head!r}, a kvcache file with {MAGIC!r}")
+    if len(buf) < PREAMBLE_BYTES:
+        _fail(f"truncated: the file has {len(buf)} bytes, a kvcache file starts with a "
               f"{PREAMBLE_BYTES}-byte preamble")
-    magic, version, json_len, meta_len, meta_crc, pre_crc = _PREAMBLE.unpack(
-        buf[:PREAMBLE_BYTES])
-    if magic != MAGIC:
-        _fail(f"not a kvcache file: magic {bytes(magic)!r}, expected {MAGIC!r}")
+
+
+def _parse(buf: memoryview) -> SaveRecord:
+    size = len(buf)
+    _check_magic(buf)
+    _, version, json_len, meta_len, meta_crc, pre_crc = _PREAMBLE.unpack(buf[:PREAMBLE_BYTES])
     if zlib.crc32(buf[:PREAMBLE_BYTES - 4]) != pre_crc:
         _fail("preamble checksum mismatch: the file is corrupted")
     if version != FORMAT_VERSION:
@@ -321,19 +294,17 @@ def _parse(buf: memoryview, clock) -> KVCache:
     if d.get("byteorder", str) != sys.byteorder:
         _fail(f"written on a {desc['byteorder']}-endian machine; this one is "
               f"{sys.byteorder}-endian")
-    cfg = _Fields(d.get("config", dict), "config")
-    config = {k: cfg.get(k, t) for k, t in _CONFIG_TYPES.items()}
-    if set(desc["config"]) != set(_CONFIG_TYPES):
-        _fail(f"config has unknown fields {sorted(set(desc['config']) - set(_CONFIG_TYPES))}")
+    # The configuration, by the constructor's own checks (they allocate nothing).
+    try:
+        config = CacheConfig.from_dict(d.get("config", dict))
+    except (TypeError, ValueError, OverflowError) as exc:
+        _fail(f"invalid configuration: {exc}")
     layers = d.get("layers", list)
     nblocks = d.get("blocks", int)
     if nblocks < 0:
         _fail(f"blocks must be >= 0, got {nblocks}")
-    num_layers, batch, bs = config["num_layers"], config["batch_size"], config["block_size"]
-    if len(layers) != num_layers:
-        _fail(f"{len(layers)} layer states for num_layers={num_layers}")
-    if not (isinstance(bs, int) and bs > 0 and batch > 0):
-        _fail(f"block_size and batch_size must be positive, got {bs} and {batch}")
+    if len(layers) != config.num_layers:
+        _fail(f"{len(layers)} layer states for num_layers={config.num_layers}")
     states = []
     for li, state in enumerate(layers):
         if (not isinstance(state, list) or len(state) != 3
@@ -342,50 +313,25 @@ def _parse(buf: memoryview, clock) -> KVCache:
         states.append(tuple(state))
     # Every size against the file before anything is allocated.
     caps = [s[2] for s in states]
-    if min(caps, default=1) < 1 or max(caps, default=1) > 2**40:
+    if min(caps) < 1 or max(caps) > 2**40:
         _fail(f"layer capacities must be in [1, 2**40], got {min(caps)}..{max(caps)}")
-    entries = [batch * -(-cap // bs) for cap in caps]
+    entries = [config.batch_size * -(-cap // config.block_size) for cap in caps]
     expected = json_len + 4 * sum(entries) + BLOCK_DTYPE.itemsize * nblocks
     if expected != meta_len:
         _fail(f"the meta section holds {meta_len} bytes but its description implies "
               f"{expected} (tables for capacities {sorted(set(caps))[:4]}..., "
               f"{nblocks} blocks)")
-    if config["max_seq_len"] > min(caps, default=2**40):
-        _fail(f"max_seq_len {config['max_seq_len']} exceeds a layer's capacity "
-              f"({min(caps)})")
-    growth = d.get("growth", (dict, type(None)))
-
-    # The configuration, by the constructor's own checks (now cheap: its
-    # tables are no larger than the ones the file holds).
-    try:
-        strategy = CompressionStrategy[config["compression"]]
-    except KeyError:
-        _fail(f"unknown compression strategy {config['compression']!r}")
-    try:
-        cache = KVCache(**{**config, "compression": strategy, "background": False},
-                        clock=clock)
-    except (TypeError, ValueError, OverflowError) as exc:
-        _fail(f"invalid configuration: {exc}")
-    except MemoryError as exc:
-        raise MemoryError(f"not enough memory for the saved configuration: {exc}") from exc
-    try:
-        strategy_obj, max_capacity = _parse_growth(growth, cache, caps)
-        tables = _parse_tables(meta, json_len, entries, states, cache, nblocks)
-        index = np.frombuffer(meta, dtype=BLOCK_DTYPE, count=nblocks,
-                              offset=json_len + 4 * sum(entries))
-        blocks = _parse_blocks(buf, index, cache, PREAMBLE_BYTES + meta_len)
-        _check_references(tables, states, cache, nblocks, blocks)
-        cache._import(states, tables, blocks)
-    except BaseException:
-        cache.close()
-        raise
-    if strategy_obj is not None:
-        cache._strategy = strategy_obj
-        cache._set_growth(True, max_capacity)
-    if config["background"]:
-        from .compression import BackgroundCompressor
-        cache._background = BackgroundCompressor(cache)
-    return cache
+    if config.max_seq_len > min(caps):
+        _fail(f"max_seq_len {config.max_seq_len} exceeds a layer's capacity ({min(caps)})")
+    saved_layers, prefix = _parse_selection(d, config)
+    growth, max_capacity = _parse_growth(d.get("growth", (dict, type(None))), caps)
+    tables = _parse_tables(meta, json_len, entries, states, config, nblocks)
+    index = np.frombuffer(meta, dtype=BLOCK_DTYPE, count=nblocks,
+                          offset=json_len + 4 * sum(entries))
+    blocks = _parse_blocks(buf, index, config, PREAMBLE_BYTES + meta_len)
+    _check_references(tables, nblocks)
+    return SaveRecord(config, states, tables, blocks, growth, max_capacity, saved_layers,
+                      prefix)
 
 
 class _Fields:
@@ -397,20 +343,26 @@ class _Fields:
         self.obj, self.name = obj, name
 
     def get(self, key: str, types):
-        if key not in self.obj:
-            _fail(f"{self.name} lacks the field {key!r}")
-        value = self.obj[key]
-        types = types if isinstance(types, tuple) else (types,)
-        ok = any(type(value) is t for t in types)
-        if float in types and type(value) is int:      # JSON writes 1.0 as 1.0, but be lenient
-            ok, value = True, float(value)
-        if not ok:
-            _fail(f"{self.name}.{key} must be {' or '.join(t.__name__ for t in types)}, "
-                  f"got {type(value).__name__} {value!r:.40}")
-        return value
+        try:
+            return checked_field(self.obj, key, types, self.name)
+        except (TypeError, ValueError) as exc:
+            _fail(str(exc))
 
 
-def _parse_growth(growth, cache, caps):
+def _parse_selection(d: _Fields, config: CacheConfig):
+    """The layers the writer saved and its prefix (None: whole layers)."""
+    saved = d.get("saved_layers", list)
+    if (not all(type(li) is int for li in saved) or saved != sorted(set(saved))
+            or not all(0 <= li < config.num_layers for li in saved)):
+        _fail(f"saved_layers must be distinct layer indices in ascending order, "
+              f"got {saved!r:.60}")
+    prefix = d.get("prefix", (int, type(None)))
+    if prefix is not None and not 0 <= prefix <= 2**40:
+        _fail(f"prefix must be in [0, 2**40], got {prefix}")
+    return saved, prefix
+
+
+def _parse_growth(growth, caps):
     if growth is None:
         return None, None
     g = _Fields(growth, "growth")
@@ -427,13 +379,14 @@ def _parse_growth(growth, cache, caps):
         _fail(f"invalid growth strategy: {exc}")
 
 
-def _parse_tables(meta, json_len, entries, states, cache, nblocks):
+def _parse_tables(meta, json_len, entries, states, config: CacheConfig, nblocks):
     flat = np.frombuffer(meta, dtype=_TABLE_DTYPE, count=sum(entries), offset=json_len)
     if flat.size and (flat.min() < -1 or flat.max() >= nblocks):
         _fail(f"a block table entry is out of range [-1, {nblocks}): "
               f"{int(flat.min())}..{int(flat.max())}")
     tables, at = [], 0
-    S, bs, batch = cache.sink_tokens, cache.block_size, cache.batch_size
+    S, batch = config.sink_tokens, config.batch_size
+    geometry = _geometry(config)
     for li, ((n, lo, cap), count) in enumerate(zip(states, entries)):
         # The store's invariants for (n, lo, cap): held positions are
         # [0, min(S, lo)) and [lo, n); lo is 0 until the ring first evicts,
@@ -445,12 +398,12 @@ def _parse_tables(meta, json_len, entries, states, cache, nblocks):
         if lo == 0:
             if n > cap:
                 _fail(f"layer {li}: length {n} exceeds capacity {cap} without a wrapped ring")
-        elif not (cache.overflow == "ring" and 0 < lo <= n and min(S, lo) + n - lo <= cap):
+        elif not (config.overflow == "ring" and 0 < lo <= n and min(S, lo) + n - lo <= cap):
             _fail(f"layer {li}: window start {lo} is inconsistent with length {n}, "
-                  f"capacity {cap}, {S} sinks and overflow={cache.overflow!r}")
+                  f"capacity {cap}, {S} sinks and overflow={config.overflow!r}")
         table = flat[at:at + count].reshape(batch, count // batch).astype(np.int32)
         at += count
-        held = _held_blocks(n, lo, cap, S, bs)
+        held = geometry._held_entries(n, lo, cap) > 0
         if (table[:, held] < 0).any():
             r, j = np.argwhere(table[:, held] < 0)[0]
             _fail(f"layer {li}: row {r} has no block for table entry "
@@ -461,28 +414,19 @@ def _parse_tables(meta, json_len, entries, states, cache, nblocks):
     return tables
 
 
-def _held_blocks(n, lo, cap, S, bs) -> np.ndarray:
-    """Which table entries hold a position: the slots of [0, min(S, lo)) and
-    [lo, n), position p in slot p below S, else in S + (p - S) % (cap - S)."""
-    held = np.zeros(-(-cap // bs), dtype=bool)
-
-    def mark(first_slot, end_slot):
-        held[first_slot // bs:-(-end_slot // bs)] = True
-
-    for a, b in ((0, min(S, lo)), (lo, n)):
-        if min(b, S) > a:                             # below S: slot == position
-            mark(a, min(b, S))
-        a = max(a, S)
-        if b > a:                                     # the window (count <= cap - S)
-            first = S + (a - S) % (cap - S)
-            end = first + b - a
-            mark(first, min(end, cap))
-            if end > cap:                             # wrapped back to the window's start
-                mark(S, S + end - cap)
-    return held
+def _geometry(config: CacheConfig):
+    """A store of ``config``'s shape (one layer, no block allocated): the
+    core owns the slot layout and the payload layouts, so the loader asks it
+    which table entries a layer holds and how large a payload must be."""
+    store = _core.KVStore()
+    store._init_store(1, config.num_kv_heads, config.head_dim, config.block_size + 1 +
+                      config.sink_tokens, 1, config.dtype, config.block_size,
+                      config.sink_tokens, True, False, config.int8_group_size,
+                      config.group_size)
+    return store
 
 
-def _parse_blocks(buf, index, cache, start) -> list:
+def _parse_blocks(buf, index, config: CacheConfig, start) -> list:
     size = len(buf)
     if index.size:
         ends = index["offset"] + index["nbytes"]
@@ -499,11 +443,12 @@ def _parse_blocks(buf, index, cache, start) -> list:
         end = start
     if end != size:
         _fail(f"{size - end} bytes of trailing data after the last block")
-    full, lossless = _core.TIER_FULL, int(CompressionStrategy.LOSSLESS)
+    full, lossless_tier = _core.TIER_FULL, int(CompressionStrategy.LOSSLESS)
     quantized = {int(CompressionStrategy.FP16), int(CompressionStrategy.INT8),
                  int(CompressionStrategy.INT4)}
-    block_bytes = 2 * cache.num_kv_heads * cache.block_size * cache.head_dim \
-        * cache.dtype.itemsize
+    itemsize = np.dtype(config.dtype).itemsize
+    block_bytes = 2 * config.num_kv_heads * config.block_size * config.head_dim * itemsize
+    payload_nbytes = None
     blocks = []
     zstd_budget = _ZSTD_BUDGET_RATIO * size + _ZSTD_BUDGET_EXTRA
     # Plain tuples: reading numpy records field by field costs ~20 us a block.
@@ -517,15 +462,16 @@ def _parse_blocks(buf, index, cache, start) -> list:
             if exact or flags & ~_core.FLAG_INCOMPRESSIBLE:
                 _fail(f"{where}: a full block with exact_rows={exact}, flags={flags}")
         elif tier in quantized:
-            if flags or not 0 <= exact < cache.block_size:
+            if flags or not 0 <= exact < config.block_size:
                 _fail(f"{where}: exact_rows {exact} or flags {flags} invalid for its tier")
-            if tier == int(CompressionStrategy.INT4) and cache.head_dim % 2:
-                _fail(f"{where}: INT4 with an odd head_dim ({cache.head_dim})")
-            if tier == int(CompressionStrategy.FP16) and cache.dtype.itemsize == 2:
+            if tier == int(CompressionStrategy.INT4) and config.head_dim % 2:
+                _fail(f"{where}: INT4 with an odd head_dim ({config.head_dim})")
+            if tier == int(CompressionStrategy.FP16) and itemsize == 2:
                 # Never written (float16 is stored full); its decoder writes float32.
                 _fail(f"{where}: an FP16 block in a float16 cache")
-            expected = cache._payload_nbytes(tier, exact)
-        elif tier == lossless:
+            payload_nbytes = payload_nbytes or _geometry(config)._payload_nbytes
+            expected = payload_nbytes(tier, exact)
+        elif tier == lossless_tier:
             if exact or flags & ~_core.FLAG_ZSTD:
                 _fail(f"{where}: a lossless block with exact_rows={exact}, flags={flags}")
             expected = nbytes
@@ -536,47 +482,35 @@ def _parse_blocks(buf, index, cache, start) -> list:
         data = buf[off:off + nbytes]
         if zlib.crc32(data) != crc:
             _fail(f"{where}: checksum mismatch: the file is corrupted")
-        if tier == lossless:
+        if tier == lossless_tier:
             if flags & _core.FLAG_ZSTD:
                 zstd_budget -= block_bytes
                 if zstd_budget < 0:
                     _fail(f"{where}: the zstd blocks unpack to more than "
                           f"{_ZSTD_BUDGET_RATIO} times the file's size")
-            _check_lossless(data, flags & _core.FLAG_ZSTD, block_bytes, where)
+            _check_lossless(data, lossless.CODECS[bool(flags & _core.FLAG_ZSTD)],
+                            block_bytes, where)
         blocks.append((tier, flags, exact, age, data))
     return blocks
 
 
-def _check_lossless(data, zstd: bool, block_bytes: int, where: str) -> None:
+def _check_lossless(data, codec: str, block_bytes: int, where: str) -> None:
     """A LOSSLESS payload must unpack to exactly one block (checked now, so a
     bad one never reaches a read)."""
-    if zstd:
-        try:
-            import zstandard
-        except ImportError:
-            raise ImportError(f"{where} is packed with zstd: install the zstandard package "
-                              "(pip install 'kvcache[zstd]') to load this file") from None
-        try:
-            declared = zstandard.get_frame_parameters(data).content_size
-            if declared != block_bytes:
-                _fail(f"{where}: zstd frame declares {declared} bytes, a block is "
-                      f"{block_bytes}")
-            plain = zstandard.ZstdDecompressor().decompress(data, max_output_size=block_bytes)
-        except zstandard.ZstdError as exc:
-            _fail(f"{where}: invalid zstd payload: {exc}")
-    else:
-        if block_bytes > _LZ4_MAX_RATIO * len(data) + 16:
-            _fail(f"{where}: {len(data)} LZ4 bytes cannot unpack to a {block_bytes}-byte block")
-        import lz4.block
-        try:
-            plain = lz4.block.decompress(data, uncompressed_size=block_bytes)
-        except lz4.block.LZ4BlockError as exc:
-            _fail(f"{where}: invalid LZ4 payload: {exc}")
-    if len(plain) != block_bytes:
-        _fail(f"{where}: unpacks to {len(plain)} bytes, a block is {block_bytes}")
+    try:
+        lossless.require(codec)
+    except ImportError:
+        if codec != "zstd":
+            raise
+        raise ImportError(f"{where} is packed with zstd: install the zstandard package "
+                          "(pip install 'kvcache[zstd]') to load this file") from None
+    try:
+        lossless.unpack(data, block_bytes, codec)
+    except ValueError as exc:
+        _fail(f"{where}: {exc}")
 
 
-def _check_references(tables, states, cache, nblocks, blocks) -> None:
+def _check_references(tables, nblocks: int) -> None:
     """Each stored block belongs to one layer and one table entry (rows of a
     batch may share it), and every stored block is used."""
     owner = np.full(nblocks, -1, dtype=np.int64)

@@ -429,9 +429,9 @@ def test_every_truncation_is_rejected(tmp_path):
     data = _small_file(tmp_path)
     for n in range(len(data)):
         with pytest.raises(CacheFormatError, match="truncated|checksum|meta|trailing"):
-            ff.loads(data[:n])
+            KVCache.loads(data[:n])
     with pytest.raises(CacheFormatError, match="trailing"):
-        ff.loads(data + b"\0")
+        KVCache.loads(data + b"\0")
 
 
 def test_every_bit_flip_is_caught_by_a_checksum(tmp_path):
@@ -442,7 +442,7 @@ def test_every_bit_flip_is_caught_by_a_checksum(tmp_path):
         b = bytearray(data)
         b[i] ^= 1 << int(rng.integers(8))
         with pytest.raises(CacheFormatError):
-            ff.loads(bytes(b))
+            KVCache.loads(bytes(b))
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -479,7 +479,7 @@ def test_every_bit_flip_is_caught_by_a_checksum(tmp_path):
 def test_inconsistent_description_is_rejected(tmp_path, edit, message):
     data = _small_file(tmp_path)
     with pytest.raises(CacheFormatError, match=message):
-        ff.loads(_rewrite_description(data, edit))
+        KVCache.loads(_rewrite_description(data, edit))
 
 
 def test_hostile_description_allocates_nothing_large(tmp_path):
@@ -498,7 +498,7 @@ def test_hostile_description_allocates_nothing_large(tmp_path):
             bad = _rewrite_description(data, edit)
             tracemalloc.reset_peak()
             with pytest.raises(CacheFormatError):
-                ff.loads(bad)
+                KVCache.loads(bad)
             assert tracemalloc.get_traced_memory()[1] < 8 * len(bad) + (1 << 20)
     finally:
         tracemalloc.stop()
@@ -547,7 +547,7 @@ def test_inconsistent_block_index_is_rejected(tmp_path):
     ]
     for fields, message in cases:
         with pytest.raises(CacheFormatError, match=message):
-            ff.loads(_edit_index(data, **fields))
+            KVCache.loads(_edit_index(data, **fields))
 
 
 def test_bad_lossless_payloads_are_rejected(tmp_path):
@@ -558,10 +558,10 @@ def test_bad_lossless_payloads_are_rejected(tmp_path):
     b = bytearray(data)
     b[off:off + n] = bytes([0xF0]) * n                 # an LZ4 literal run past the end
     with pytest.raises(CacheFormatError, match="LZ4|unpacks"):
-        ff.loads(_with_crcs(bytes(b)))
+        KVCache.loads(_with_crcs(bytes(b)))
     if pytest.importorskip("zstandard"):
         with pytest.raises(CacheFormatError, match="zstd"):
-            ff.loads(_edit_index(data, flags=(i, 4)))
+            KVCache.loads(_edit_index(data, flags=(i, 4)))
 
 
 def test_references_are_checked(tmp_path):
@@ -576,17 +576,17 @@ def test_references_are_checked(tmp_path):
         b = bytearray(data)
         b[32 + json_len:32 + json_len + t.nbytes] = t.tobytes()
         with pytest.raises(CacheFormatError, match=message):
-            ff.loads(_with_crcs(bytes(b)))
+            KVCache.loads(_with_crcs(bytes(b)))
 
 
 def test_version_and_magic(tmp_path):
     data = bytearray(_small_file(tmp_path))
     with pytest.raises(CacheFormatError, match="not a kvcache file"):
-        ff.loads(b"PK\3\4" + bytes(data[4:]))
+        KVCache.loads(b"PK\3\4" + bytes(data[4:]))
     struct.pack_into("<I", data, 8, 2)
     struct.pack_into("<I", data, 28, zlib.crc32(bytes(data[:28])))
     with pytest.raises(CacheFormatError, match="unsupported format version 2"):
-        ff.loads(bytes(data))
+        KVCache.loads(bytes(data))
     assert issubclass(CacheFormatError, ValueError)
 
 
@@ -597,6 +597,114 @@ def test_load_errors_for_missing_and_empty_files(tmp_path):
     for mm in (False, True):
         with pytest.raises(CacheFormatError, match="truncated"):
             KVCache.load(tmp_path / "empty", mmap=mm)
+
+
+def test_a_short_foreign_file_is_not_a_kvcache_file(tmp_path):
+    """Whether the file is a kvcache file at all comes first: a text file
+    shorter than the preamble is "not a kvcache file", not "truncated"; a
+    truncated one is a short file whose bytes start as a kvcache file's."""
+    text = b"hello, this is not a cache\n"
+    assert len(text) == 27 < ff.PREAMBLE_BYTES
+    (tmp_path / "notes.txt").write_bytes(text)
+    for mm in (False, True):
+        with pytest.raises(CacheFormatError, match="not a kvcache file"):
+            KVCache.load(tmp_path / "notes.txt", mmap=mm)
+    for data in (b"abc", b"X", b"KVCACHE\1", b"KVCACHE\0"[:7] + b"!" * 20):
+        with pytest.raises(CacheFormatError, match="not a kvcache file"):
+            KVCache.loads(data)
+    for data in (b"", b"KVCA", ff.MAGIC, ff.MAGIC + b"\1" * 20):
+        with pytest.raises(CacheFormatError, match="truncated"):
+            KVCache.loads(data)
+
+
+class _TaggedCache(KVCache):
+    """A user's subclass: its own attribute and method, KVCache's constructor."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tag = "mine"
+
+    def total_tokens(self) -> int:
+        return sum(self.seq_len(i) for i in range(self.num_layers))
+
+
+def test_a_subclass_loads_as_itself(tmp_path):
+    cache = _TaggedCache(2, 2, 16, max_seq_len=128, block_size=16, compression="INT8",
+                         residual_tokens=16)
+    _fill(cache, 70)
+    cache.compress_old_entries(0)
+    cache.save(tmp_path / "c")
+    for loaded in (_TaggedCache.load(tmp_path / "c"),
+                   _TaggedCache.loads((tmp_path / "c").read_bytes())):
+        assert type(loaded) is _TaggedCache and loaded.tag == "mine"
+        assert loaded.total_tokens() == 140
+        assert loaded.config == cache.config
+        _assert_same(_state(cache), _state(loaded))
+    assert type(KVCache.load(tmp_path / "c")) is KVCache
+
+
+def test_records_round_trip_without_a_cache(tmp_path):
+    """The format on its own: a record of plain values written and read back
+    (what any cache that exports and imports records could store)."""
+    config = kvcache.CacheConfig(2, 1, 4, max_seq_len=16, block_size=8, dtype="float32")
+    block = np.arange(2 * 8 * 4, dtype=np.float32).tobytes()      # keys and values, one head
+    record = ff.SaveRecord(
+        config, states=[(5, 0, 16), (0, 0, 16)],
+        tables=[np.array([[0, -1]], np.int32), np.full((1, 2), -1, np.int32)],
+        blocks=[(0, 0, 0, 1.5, block)], growth=GrowthStrategy.linear(8), max_capacity=64,
+        saved_layers=[0, 1], prefix=None)
+    size = ff.write(tmp_path / "r", record)
+    assert size == os.path.getsize(tmp_path / "r")
+    for back in (ff.read(tmp_path / "r"), ff.read(tmp_path / "r", mmap=True),
+                 ff.parse((tmp_path / "r").read_bytes())):
+        assert back.config == config
+        assert back.states == record.states and back.saved_layers == [0, 1]
+        assert all(np.array_equal(a, b) for a, b in zip(back.tables, record.tables))
+        assert [b[:4] for b in back.blocks] == [(0, 0, 0, 1.5)]
+        assert bytes(back.blocks[0][4]) == block
+        assert (back.growth, back.max_capacity, back.prefix) == (GrowthStrategy.linear(8), 64,
+                                                                 None)
+    loaded = KVCache.load(tmp_path / "r")
+    assert np.array_equal(loaded.keys(0)[0, 0], np.arange(20, dtype=np.float32).reshape(5, 4))
+    # A table naming a block for positions no layer holds is caught on read.
+    record.states[0] = (0, 0, 16)
+    ff.write(tmp_path / "bad", record)
+    with pytest.raises(CacheFormatError, match="holds no position"):
+        ff.read(tmp_path / "bad")
+
+
+def test_the_format_does_not_import_the_cache():
+    """kvcache.fileformat (and what it imports inside the package) never
+    imports kvcache.cache: the format knows records, not KVCache."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(kvcache.__file__).parent
+    seen, todo = set(), ["fileformat"]
+    while todo:
+        name = todo.pop()
+        if name in seen or not (root / f"{name}.py").exists():
+            continue                                      # the compiled core, or seen
+        seen.add(name)
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                todo += [node.module] if node.module else [a.name for a in node.names]
+    assert "fileformat" in seen and "config" in seen
+    assert "cache" not in seen, sorted(seen)
+
+
+def test_zstd_file_without_zstandard_says_what_to_install(tmp_path, monkeypatch):
+    pytest.importorskip("zstandard")
+    cache = KVCache(1, 2, 16, max_seq_len=128, block_size=16, compression="LOSSLESS",
+                    lossless_codec="zstd", residual_tokens=0)
+    _fill(cache, 64)
+    assert cache.compress_old_entries(0).blocks
+    cache.save(tmp_path / "z")
+    monkeypatch.setitem(sys.modules, "zstandard", None)        # import zstandard fails
+    monkeypatch.setattr(kvcache.lossless, "_modules", {})
+    with pytest.raises(ImportError, match=r"block 0 is packed with zstd: install the "
+                                          r"zstandard package"):
+        KVCache.load(tmp_path / "z")
 
 
 def test_mmap_load_equals_read_load_and_releases_the_file(tmp_path):

@@ -186,7 +186,7 @@ def _exercise(cache: KVCache) -> None:
 def test_loader_fuzz(tmp_path):
     seeds = _seed_files(tmp_path)
     for data in seeds:                            # the seeds themselves load and work
-        _exercise(ff.loads(data))
+        _exercise(KVCache.loads(data))
     rng = np.random.default_rng(SEED)
     loaded = rejected = 0
     for i in range(FILES):
@@ -196,7 +196,7 @@ def test_loader_fuzz(tmp_path):
         if rng.random() < 0.5:
             data = _repair(data)
         try:
-            cache = ff.loads(data)
+            cache = KVCache.loads(data)
         except CacheFormatError:
             rejected += 1
             continue
@@ -225,7 +225,7 @@ def test_rejected_and_loaded_files_leak_nothing(tmp_path):
     def run():
         for data in mutants:
             try:
-                ff.loads(data).close()
+                KVCache.loads(data).close()
             except CacheFormatError:
                 pass
 

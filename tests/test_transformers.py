@@ -514,6 +514,26 @@ def test_saved_system_prompt_is_reused_across_calls(smol, tmp_path, dtype, compr
         TransformersKVCache(model.config).save(tmp_path / "x")
 
 
+@pytest.mark.parametrize("attr, value, says", [
+    ("num_key_value_heads", 1, "1 KV heads (config.num_key_value_heads) of head_dim 64"),
+    ("head_dim", 32, "head_dim 32 (config.head_dim)"),
+    ("num_hidden_layers", 2, "2 layers (config.num_hidden_layers)"),
+])
+def test_config_that_disagrees_with_the_model_is_named(smol, prompt, attr, value, says):
+    """A cache built from another model's config fails at the first update,
+    naming the config attribute and both shapes (not deep inside the store)."""
+    model, _ = smol
+    wrong = type(model.config)(**{**model.config.to_dict(), attr: value})
+    cache = TransformersKVCache(wrong, dtype="float32")
+    with pytest.raises(ValueError, match=r"built from a config with") as info:
+        generate(model, prompt, cache, 2)
+    assert says in str(info.value), str(info.value)
+    heads, dim = kv_shape(model)
+    if attr != "num_hidden_layers":
+        assert f"produced {heads} KV heads of head_dim {dim}" in str(info.value)
+        assert cache.store is None                    # failed before anything was built
+
+
 def test_reset_then_reuse(smol, prompt):
     model, _ = smol
     cache = TransformersKVCache(model.config, dtype="float32")

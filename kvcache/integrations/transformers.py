@@ -168,8 +168,14 @@ class TransformersKVCache(Cache):
         self.config = config
         self.num_layers = int(text.num_hidden_layers)
         q_heads = int(text.num_attention_heads)
-        self.num_kv_heads = int(getattr(text, "num_key_value_heads", None) or q_heads)
-        self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // q_heads)
+        # Which config attributes gave the KV shape: a mismatch with the
+        # model's states names them (see _check_shape).
+        kv_heads = getattr(text, "num_key_value_heads", None)
+        head_dim = getattr(text, "head_dim", None)
+        self.num_kv_heads = int(kv_heads or q_heads)
+        self.head_dim = int(head_dim or text.hidden_size // q_heads)
+        self._shape_from = ("num_key_value_heads" if kv_heads else "num_attention_heads",
+                            "head_dim" if head_dim else "hidden_size // num_attention_heads")
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be a positive int or None, got {window!r}")
         self.window = window
@@ -204,7 +210,20 @@ class TransformersKVCache(Cache):
                 self.store.enable_dynamic_growth(GrowthStrategy.exponential(2.0))
         return self.store
 
+    def _check_shape(self, layer_idx: int, key_states) -> None:
+        """The model's states must have the shape the config promised; else
+        say so in the config's terms (the store's own error would not)."""
+        heads, dim = int(key_states.shape[1]), int(key_states.shape[-1])
+        if (heads, dim) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(
+                f"TransformersKVCache was built from a config with {self.num_kv_heads} KV heads "
+                f"(config.{self._shape_from[0]}) of head_dim {self.head_dim} "
+                f"(config.{self._shape_from[1]}), but the model's layer {layer_idx} produced "
+                f"{heads} KV heads of head_dim {dim}: build the cache from the model's own "
+                f"config (TransformersKVCache(model.config))")
+
     def _update(self, layer_idx: int, key_states, value_states, args, kwargs):
+        self._check_shape(layer_idx, key_states)
         store = self._ensure_store(key_states)
         t = int(key_states.shape[-2])
         seq_len = store.seq_len(layer_idx) + t
@@ -228,6 +247,11 @@ class TransformersKVCache(Cache):
         """Write the new states of ``layer_idx`` and return what attention
         reads (see the module docstring).  Accepts ``update(k, v, layer,
         cache_kwargs)`` and ``update(k, v, layer, kwargs=...)``."""
+        if not 0 <= layer_idx < self.num_layers:
+            raise ValueError(
+                f"TransformersKVCache was built from a config with {self.num_layers} layers "
+                f"(config.num_hidden_layers), but the model wrote layer {layer_idx}: build "
+                f"the cache from the model's own config (TransformersKVCache(model.config))")
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
