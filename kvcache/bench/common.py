@@ -124,6 +124,20 @@ def time_rounds(fns: dict[str, Callable[[], object]], calls: int, rounds: int,
     return ts
 
 
+def concat_step(ks: list[np.ndarray], vs: list[np.ndarray], k: np.ndarray, v: np.ndarray,
+                ap: Callable[[int], object]) -> None:
+    """One decode step of a concatenating cache (DynamicCache-like: torch.cat
+    per update): every layer's K and V grown by ``np.concatenate`` (allocate,
+    copy, the old array dropped), each layer's pair timed into ``ap``."""
+    cat, pc = np.concatenate, PC
+    for layer in range(len(ks)):
+        t0 = pc()
+        ks[layer] = cat((ks[layer], k), axis=2)
+        vs[layer] = cat((vs[layer], v), axis=2)
+        t1 = pc()
+        ap(t1 - t0)
+
+
 class OneThread:
     """numpy's BLAS (through threadpoolctl, when installed) and torch (when
     given) limited to one thread while timing: kvcache's kernels run on one

@@ -29,6 +29,7 @@ from .common import (
     PC,
     TOKEN_BYTES,
     Progress,
+    concat_step,
     summary,
     token,
     us,
@@ -95,6 +96,25 @@ def _memory(peak: int, final: int, live: int, rss: RssPeak) -> dict:
 # Each runs in a fresh process (see isolated) so that VmHWM is its own.
 
 
+def _decode(label: str, tokens: int, every: int, progress: bool,
+            step: Callable[[int], None]) -> RssPeak:
+    """``step(n)`` for n = 1 .. tokens (each step times its own calls), with
+    the garbage collector off, progress every ``every + 1`` steps (a power
+    of two minus one), and the peak RSS increase over the decode."""
+    prog = Progress(label, tokens, progress)
+    with RssPeak() as rss:
+        gc.disable()
+        try:
+            for n in range(1, tokens + 1):
+                step(n)
+                if not n & every:
+                    prog.update(n)
+        finally:
+            gc.enable()
+    prog.close()
+    return rss
+
+
 def _growth_kvcache(tokens: int, layers: int, progress: bool) -> dict:
     rng = np.random.default_rng(1)
     k, v = token(rng), token(rng)
@@ -110,32 +130,28 @@ def _growth_kvcache(tokens: int, layers: int, progress: bool) -> dict:
     next_cap = cache.capacity(0)
     bs = cache.block_size
     peak_mem = cache.stats().memory_bytes
-    prog = Progress(f"growth: kvcache, {layers} layers x {tokens:,} tokens", tokens, progress)
-    with RssPeak() as rss:
-        gc.disable()
-        try:
-            for n in range(1, tokens + 1):
-                for layer in range(layers):
-                    t0 = pc()
-                    upd(layer, k, v, n)
-                    t1 = pc()
-                    ap(t1 - t0)
-                grew = n > next_cap
-                if grew:
-                    growth_ts.extend(ts[-layers:])
-                    growth_steps.append(n)
-                    next_cap = cache.capacity(0)
-                # In an append-only decode memory changes only when a token
-                # opens a block or a layer grows: sample exactly those steps.
-                if grew or n % bs == 1:
-                    peak_mem = max(peak_mem, cache.stats().memory_bytes)
-                if not n & 1023:
-                    prog.update(n)
-        finally:
-            gc.enable()
+
+    def step(n: int) -> None:
+        nonlocal next_cap, peak_mem
+        for layer in range(layers):
+            t0 = pc()
+            upd(layer, k, v, n)
+            t1 = pc()
+            ap(t1 - t0)
+        grew = n > next_cap
+        if grew:
+            growth_ts.extend(ts[-layers:])
+            growth_steps.append(n)
+            next_cap = cache.capacity(0)
+        # In an append-only decode memory changes only when a token
+        # opens a block or a layer grows: sample exactly those steps.
+        if grew or n % bs == 1:
+            peak_mem = max(peak_mem, cache.stats().memory_bytes)
+
+    rss = _decode(f"growth: kvcache, {layers} layers x {tokens:,} tokens", tokens, 1023,
+                  progress, step)
     st = cache.stats()
     peak_mem = max(peak_mem, st.memory_bytes)
-    prog.close()
     assert st.tokens_held == layers * tokens and st.evictions == 0
     all_ns = np.frombuffer(ts, dtype=np.int64)
     slow = int(np.argmax(all_ns))
@@ -168,46 +184,41 @@ def _growth_numpy_regrow(tokens: int, layers: int, progress: bool) -> dict:
     growth_ts = array.array("q")
     events = 0
     empty = np.empty
-    prog = Progress(f"growth: numpy regrow x{GROWTH_FACTOR:g}, {layers} layers x "
-                    f"{tokens:,} tokens", tokens, progress)
-    with RssPeak() as rss:
-        gc.disable()
-        try:
-            for n in range(1, tokens + 1):
-                i = n - 1
-                for layer in range(layers):
-                    t0 = pc()
-                    if n > caps[layer]:
-                        cap = strategy.next_capacity(caps[layer], n, DEFAULT_BLOCK_SIZE)
-                        # K then V, each old buffer freed before the next
-                        # allocation: the transient is one half of one layer.
-                        nk = empty((BATCH, HEADS, cap, HEAD_DIM), DTYPE)
-                        nk[:, :, :i] = kbufs[layer][:, :, :i]
-                        kbufs[layer] = nk
-                        nv = empty((BATCH, HEADS, cap, HEAD_DIM), DTYPE)
-                        nv[:, :, :i] = vbufs[layer][:, :, :i]
-                        vbufs[layer] = nv
-                        nk[:, :, i:n] = k
-                        nv[:, :, i:n] = v
-                        t1 = pc()
-                        ap(t1 - t0)
-                        growth_ts.append(t1 - t0)
-                        peak = max(peak, alloc + cap * half)     # bookkeeping, untimed
-                        alloc += 2 * (cap - caps[layer]) * half
-                        caps[layer] = cap
-                        events += 1
-                        continue
-                    kb = kbufs[layer]
-                    vb = vbufs[layer]
-                    kb[:, :, i:n] = k
-                    vb[:, :, i:n] = v
-                    t1 = pc()
-                    ap(t1 - t0)
-                if not n & 1023:
-                    prog.update(n)
-        finally:
-            gc.enable()
-    prog.close()
+
+    def step(n: int) -> None:
+        nonlocal alloc, peak, events
+        i = n - 1
+        for layer in range(layers):
+            t0 = pc()
+            if n > caps[layer]:
+                cap = strategy.next_capacity(caps[layer], n, DEFAULT_BLOCK_SIZE)
+                # K then V, each old buffer freed before the next
+                # allocation: the transient is one half of one layer.
+                nk = empty((BATCH, HEADS, cap, HEAD_DIM), DTYPE)
+                nk[:, :, :i] = kbufs[layer][:, :, :i]
+                kbufs[layer] = nk
+                nv = empty((BATCH, HEADS, cap, HEAD_DIM), DTYPE)
+                nv[:, :, :i] = vbufs[layer][:, :, :i]
+                vbufs[layer] = nv
+                nk[:, :, i:n] = k
+                nv[:, :, i:n] = v
+                t1 = pc()
+                ap(t1 - t0)
+                growth_ts.append(t1 - t0)
+                peak = max(peak, alloc + cap * half)     # bookkeeping, untimed
+                alloc += 2 * (cap - caps[layer]) * half
+                caps[layer] = cap
+                events += 1
+                continue
+            kb = kbufs[layer]
+            vb = vbufs[layer]
+            kb[:, :, i:n] = k
+            vb[:, :, i:n] = v
+            t1 = pc()
+            ap(t1 - t0)
+
+    rss = _decode(f"growth: numpy regrow x{GROWTH_FACTOR:g}, {layers} layers x {tokens:,} "
+                  "tokens", tokens, 1023, progress, step)
     live = layers * tokens * TOKEN_BYTES
     assert np.array_equal(kbufs[-1][:, :, tokens - 1], k[:, :, 0])
     return {"impl": "numpy_regrow", "layers": layers, "tokens": tokens,
@@ -224,27 +235,9 @@ def _growth_numpy_concat(tokens: int, layers: int, progress: bool) -> dict:
     empty = np.empty((BATCH, HEADS, 0, HEAD_DIM), DTYPE)
     ks = [empty] * layers
     vs = [empty] * layers
-    cat = np.concatenate
-    pc = PC
     ts = array.array("q")
-    ap = ts.append
-    prog = Progress(f"growth: numpy concat, {layers} layer(s) x {tokens:,} tokens", tokens,
-                    progress)
-    with RssPeak() as rss:
-        gc.disable()
-        try:
-            for n in range(1, tokens + 1):
-                for layer in range(layers):
-                    t0 = pc()
-                    ks[layer] = cat((ks[layer], k), axis=2)
-                    vs[layer] = cat((vs[layer], v), axis=2)
-                    t1 = pc()
-                    ap(t1 - t0)
-                if not n & 255:
-                    prog.update(n)
-        finally:
-            gc.enable()
-    prog.close()
+    rss = _decode(f"growth: numpy concat, {layers} layer(s) x {tokens:,} tokens", tokens, 255,
+                  progress, lambda n: concat_step(ks, vs, k, v, ts.append))
     live = layers * tokens * TOKEN_BYTES
     # Accounted peak, at the last call: the other layers' K and V, this
     # layer's old K and V, and the new K (then old K is freed before new V).

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .common import BATCH, DTYPE, HEAD_DIM, HEADS, LAYERS, PC, Progress, prefilled, summary, token
+from .common import DTYPE, LAYERS, PC, Progress, concat_step, prefilled, summary, token
 from .table import Row, fmt, ratio
 
 NAME = "update"
@@ -39,8 +39,9 @@ def _decode_interleaved(ctx: int, steps: int, pre: np.ndarray, k: np.ndarray, v:
     cache = prefilled(ctx, ctx + steps, pre, pre, dtype=dtype)
     # np.zeros: untouched pages are faulted in on first write, like the fresh
     # blocks kvcache takes from malloc (a StaticCache's torch.zeros behaves alike).
-    kbufs = [np.zeros((BATCH, HEADS, ctx + steps, HEAD_DIM), dtype) for _ in range(LAYERS)]
-    vbufs = [np.zeros((BATCH, HEADS, ctx + steps, HEAD_DIM), dtype) for _ in range(LAYERS)]
+    shape = (*pre.shape[:2], ctx + steps, pre.shape[3])
+    kbufs = [np.zeros(shape, dtype) for _ in range(LAYERS)]
+    vbufs = [np.zeros(shape, dtype) for _ in range(LAYERS)]
     for kb, vb in zip(kbufs, vbufs):
         kb[:, :, :ctx] = pre
         vb[:, :, :ctx] = pre
@@ -98,9 +99,6 @@ def _decode_concat(ctx: int, steps: int, budget_s: float, pre: np.ndarray, k: np
     ks: list[np.ndarray] = [pre] * LAYERS      # shared until the first append copies
     vs: list[np.ndarray] = [pre] * LAYERS
     cc_ts = array.array("q")
-    cc_ap = cc_ts.append
-    cat = np.concatenate
-    pc = PC
     prog = Progress(f"update ctx={ctx:,}: numpy concat (budget {budget_s:g} s)", steps,
                     progress)
     t_start = time.perf_counter()
@@ -112,12 +110,7 @@ def _decode_concat(ctx: int, steps: int, budget_s: float, pre: np.ndarray, k: np
                 ks = [pre] * LAYERS
                 vs = [pre] * LAYERS
                 w = 0
-            for layer in range(LAYERS):
-                t0 = pc()
-                ks[layer] = cat((ks[layer], k), axis=2)
-                vs[layer] = cat((vs[layer], v), axis=2)
-                t1 = pc()
-                cc_ap(t1 - t0)
+            concat_step(ks, vs, k, v, cc_ts.append)
             done += 1
             w += 1
             prog.update(done)
