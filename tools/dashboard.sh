@@ -71,7 +71,7 @@ case "$mode" in
             say "FAILED: asv run" >&2
             exit 1
         fi
-        pages=(update.Update.time_update metrics.MetricsOverhead.time_decode_step)
+        pages=(update.Update.track_update metrics.MetricsOverhead.track_decode_step)
         ;;
     history)
         hashes="$(mktemp)"
@@ -89,12 +89,12 @@ case "$mode" in
             say "FAILED: asv run exited with $rc" >&2
             exit 1
         fi
-        pages=(update.Update.time_update growth.Growth.track_slowest_update_us
+        pages=(update.Update.track_update growth.Growth.track_slowest_update_us
                compression.Compression.track_ratio attention.Attention.time_attention
-               metrics.MetricsOverhead.time_decode_step)
+               metrics.MetricsOverhead.track_decode_step)
         ;;
     none)
-        pages=(update.Update.time_update)
+        pages=(update.Update.track_update)
         ;;
 esac
 
