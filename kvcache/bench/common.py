@@ -199,6 +199,26 @@ class Progress:
                         + (f" {extra}" if extra else ""), final=True)
 
 
+def isolated(fn: Callable[..., dict], *args) -> dict:
+    """``fn(*args)`` in a fresh interpreter, so that neither its RSS nor its
+    timings depend on what ran before in this one (a heap that held gigabytes
+    a section ago); in this process where subprocesses are unavailable."""
+    try:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fn pickles by its module's name (a section module, never __main__)
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+            out = ex.submit(fn, *args).result()
+        out["isolated"] = True
+        return out
+    except (OSError, ImportError, NotImplementedError) as exc:   # no subprocesses here
+        sys.stderr.write(f"[kvcache.bench] running in process ({exc})\n")
+        out = fn(*args)
+        out["isolated"] = False
+        return out
+
+
 # ------------------------------------------------------------------ fills
 
 

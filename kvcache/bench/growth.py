@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import array
 import gc
-import sys
 from typing import Callable
 
 import numpy as np
@@ -30,6 +29,7 @@ from .common import (
     TOKEN_BYTES,
     Progress,
     concat_step,
+    isolated,
     summary,
     token,
     us,
@@ -245,24 +245,6 @@ def _growth_numpy_concat(tokens: int, layers: int, progress: bool) -> dict:
     return {"impl": "numpy_concat", "layers": layers, "tokens": tokens,
             "calls": summary(ts), "growth_calls": summary(ts), "growth_events": layers * tokens,
             "growth_events_per_layer": tokens, **_memory(peak, live, live, rss)}
-
-
-def isolated(fn: Callable[..., dict], *args) -> dict:
-    """Run fn in a fresh interpreter (its own RSS); in process if that fails."""
-    try:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        # fn pickles by its module's name (this module is never __main__)
-        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
-            out = ex.submit(fn, *args).result()
-        out["isolated"] = True
-        return out
-    except (OSError, ImportError, NotImplementedError) as exc:   # no subprocesses here
-        sys.stderr.write(f"[kvcache.bench] running in process ({exc})\n")
-        out = fn(*args)
-        out["isolated"] = False
-        return out
 
 
 # ------------------------------------------------------------------ table
