@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
         return demo_main(rest)
     if command == "bench":
-        from .bench import main as bench_main
+        from .bench.cli import main as bench_main
         return bench_main(rest) or 0
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

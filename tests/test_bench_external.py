@@ -1,4 +1,5 @@
-"""The bench's comparisons with other libraries (``kvcache.bench_external``):
+"""The bench's comparisons with other libraries (``kvcache.bench.hf_caches`` and
+``kvcache.bench.compression``):
 the ``transformers`` section (DynamicCache, StaticCache, QuantizedCache) and
 the ``compression`` section (kvcache LOSSLESS against blosc2).
 
@@ -21,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvcache import bench_external as ext
 from kvcache.__main__ import main as cli_main
+from kvcache.bench import compression as comp
+from kvcache.bench import hf_caches as hf
+from kvcache.bench.table import BASELINES
 
 DATA = Path(__file__).resolve().parent / "data" / "smollm2_kv_prose.npz"
 TOKEN_BYTES = 2 * 3 * 64 * 2            # K and V of one float16 token, one layer
@@ -47,46 +50,46 @@ def _hide(monkeypatch, *modules):
 def hf_result():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    return ext.bench_transformers(64, 8, 60.0, progress=False)
+    return hf.bench_transformers(64, 8, 60.0, progress=False)
 
 
 def test_transformers_section_measures_every_cache(hf_result):
     t = hf_result
     assert t["status"] == "ok" and t["context"] == 64 and t["steps"] == 8
-    names = {ext.KV, ext.KV_HF, ext.DYN, ext.STATIC}
+    names = {hf.KV, hf.KV_HF, hf.DYN, hf.STATIC}
     if HAS_QUANTO:
-        names.add(ext.QUANT)
+        names.add(hf.QUANT)
         assert t["status_by_cache"] == {}
     else:
-        assert t["status_by_cache"][ext.QUANT].startswith("not installed")
+        assert t["status_by_cache"][hf.QUANT].startswith("not installed")
     assert set(t["update"]) == names
     for name, s in t["update"].items():
         # the same tokens: 8 steps x 30 layers each, every call timed
         assert s["n"] == 8 * 30, name
         assert 0 < s["min_ns"] <= s["median_ns"] <= s["max_ns"]
-    assert set(t["speedup_vs"]) == names - {ext.KV}
-    assert t["speedup_vs"][ext.DYN] == pytest.approx(
-        t["update"][ext.DYN]["median_ns"] / t["update"][ext.KV]["median_ns"])
+    assert set(t["speedup_vs"]) == names - {hf.KV}
+    assert t["speedup_vs"][hf.DYN] == pytest.approx(
+        t["update"][hf.DYN]["median_ns"] / t["update"][hf.KV]["median_ns"])
 
 
 def test_transformers_section_memory_accounting(hf_result):
     mem = hf_result["memory_bytes"]
     live = 30 * 64 * TOKEN_BYTES
-    assert mem[ext.DYN] == live                          # exactly the tensors' bytes
-    assert mem[ext.STATIC] == 30 * (64 + 8) * TOKEN_BYTES    # preallocated for the decode
+    assert mem[hf.DYN] == live                           # exactly the tensors' bytes
+    assert mem[hf.STATIC] == 30 * (64 + 8) * TOKEN_BYTES     # preallocated for the decode
     assert hf_result["static_max_cache_len"] == 64 + 8
-    assert live <= mem[ext.KV] < 1.1 * live              # blocks plus a little metadata
+    assert live <= mem[hf.KV] < 1.1 * live               # blocks plus a little metadata
     if HAS_QUANTO:
         # 4-bit payload plus scales: well under float16, above a quarter of it
-        assert live / 4 < mem[ext.QUANT] < live / 2
+        assert live / 4 < mem[hf.QUANT] < live / 2
         assert live / 4 < mem["kvcache int4"] < live / 2
         assert hf_result["quantized"]["residual_tokens_at_end"] == 8
-    assert hf_result["memory_ratio_vs"][ext.DYN] == pytest.approx(live / mem[ext.KV])
+    assert hf_result["memory_ratio_vs"][hf.DYN] == pytest.approx(live / mem[hf.KV])
 
 
 def test_transformers_rows(hf_result):
-    rows = ext.build_rows({"transformers": [hf_result]})
-    assert all(len(r) == len(ext.HEADERS) for r in rows)
+    rows = hf.rows({"transformers": [hf_result]})
+    assert all(len(r) == len(BASELINES.headers) for r in rows)
     for base in ("DynamicCache", "StaticCache", "QuantizedCache"):
         assert sum(r[3] == base for r in rows) == 3, base    # 2 update rows + 1 memory row
     quant = [r for r in rows if r[3] == "QuantizedCache"]
@@ -101,9 +104,9 @@ def test_transformers_not_installed(monkeypatch):
     # torch is checked first: without it (a venv with only the test extra)
     # that is the name reported.
     missing = "transformers" if importlib.util.find_spec("torch") is not None else "torch"
-    t = ext.bench_transformers(64, 8, 1.0, progress=False)
+    t = hf.bench_transformers(64, 8, 1.0, progress=False)
     assert t == {"context": 64, "status": f"not installed ({missing})"}
-    (row,) = ext.build_rows({"transformers": [t]})
+    (row,) = hf.rows({"transformers": [t]})
     assert row[0] == "transformers" and row[4] == f"not installed ({missing})"
     assert "pip install 'kvcache[hf]'" in row[6]
 
@@ -113,11 +116,11 @@ def test_quantized_cache_not_installed(monkeypatch):
     pytest.importorskip("transformers")
     import transformers.cache_utils as cu
     monkeypatch.setattr(cu, "is_optimum_quanto_available", lambda: False)
-    t = ext.bench_transformers(64, 8, 60.0, progress=False)
+    t = hf.bench_transformers(64, 8, 60.0, progress=False)
     assert t["status"] == "ok"
-    assert ext.QUANT not in t["update"] and ext.QUANT not in t["memory_bytes"]
-    assert t["status_by_cache"][ext.QUANT].startswith("not installed")
-    quant = [r for r in ext.build_rows({"transformers": [t]}) if r[3] == "QuantizedCache"]
+    assert hf.QUANT not in t["update"] and hf.QUANT not in t["memory_bytes"]
+    assert t["status_by_cache"][hf.QUANT].startswith("not installed")
+    quant = [r for r in hf.rows({"transformers": [t]}) if r[3] == "QuantizedCache"]
     assert len(quant) == 3 and all(r[4].startswith("not installed") for r in quant)
 
 
@@ -132,11 +135,11 @@ def test_quantized_cache_failure_is_reported(monkeypatch):
         raise RuntimeError("extension build failed")
 
     monkeypatch.setattr(cu.QuantoQuantizedLayer, "__init__", boom)
-    t = ext.bench_transformers(64, 8, 60.0, progress=False)
+    t = hf.bench_transformers(64, 8, 60.0, progress=False)
     assert t["status_by_cache"] == {
-        ext.QUANT: "failed (RuntimeError: extension build failed)"}
-    assert set(t["update"]) == {ext.KV, ext.KV_HF, ext.DYN, ext.STATIC}
-    quant = [r for r in ext.build_rows({"transformers": [t]}) if r[3] == "QuantizedCache"]
+        hf.QUANT: "failed (RuntimeError: extension build failed)"}
+    assert set(t["update"]) == {hf.KV, hf.KV_HF, hf.DYN, hf.STATIC}
+    quant = [r for r in hf.rows({"transformers": [t]}) if r[3] == "QuantizedCache"]
     assert len(quant) == 3 and all(r[4].startswith("failed (RuntimeError") for r in quant)
     assert all(r[6] == "" for r in quant)             # no "pip install" advice for a failure
 
@@ -148,7 +151,7 @@ def test_quantized_cache_failure_is_reported(monkeypatch):
 def comp_result():
     if not DATA.exists():
         pytest.fail(f"the real K/V data is missing: {DATA}")
-    return ext.bench_compression(DATA, 1, progress=False)
+    return comp.bench_compression(DATA, 1, progress=False)
 
 
 def test_compression_section_kvcache(comp_result):
@@ -172,13 +175,13 @@ def test_compression_section_blosc2(comp_result):
     if importlib.util.find_spec("blosc2") is None:
         assert c["blosc2"] == {} and c["status_by_impl"]["blosc2"].startswith("not installed")
         return
-    assert set(c["blosc2"]) == {f"{f}+{k}" for f, k in ext.BLOSC2_SETTINGS}
+    assert set(c["blosc2"]) == {f"{f}+{k}" for f, k in comp.BLOSC2_SETTINGS}
     for s in c["blosc2"].values():
         # the very bytes kvcache compressed (its round trip is checked inside)
         assert s["bytes_before"] == c["kvcache"]["lz4"]["bytes_before"]
         assert s["ratio"] == pytest.approx(s["bytes_before"] / s["bytes_after"])
     assert c["blosc2_best_ratio"] in c["blosc2"]
-    rows = ext.build_rows({"compression": c})
+    rows = comp.rows({"compression": c})
     ratio = next(r for r in rows if r[1] == "LOSSLESS lz4: ratio")
     assert ratio[3] == "blosc2 SHUFFLE+LZ4 c5"
     assert ratio[5] == f"{c['kvcache']['lz4']['ratio'] / c['blosc2']['SHUFFLE+LZ4']['ratio']:.2f}x"
@@ -186,27 +189,27 @@ def test_compression_section_blosc2(comp_result):
 
 def test_compression_blosc2_not_installed(monkeypatch):
     _hide(monkeypatch, "blosc2")
-    c = ext.bench_compression(DATA, 1, progress=False)
+    c = comp.bench_compression(DATA, 1, progress=False)
     assert c["status"] == "ok" and c["blosc2"] == {}
     assert c["status_by_impl"]["blosc2"] == "not installed (blosc2)"
-    rows = ext.build_rows({"compression": c})
+    rows = comp.rows({"compression": c})
     lz4 = [r for r in rows if r[1].startswith("LOSSLESS lz4")]
     assert len(lz4) == 3
     assert all(r[4] == "not installed (blosc2)" and r[2] != "-" for r in lz4)
 
 
 def test_compression_data_missing(tmp_path):
-    c = ext.bench_compression(tmp_path / "none.npz", 1, progress=False)
+    c = comp.bench_compression(tmp_path / "none.npz", 1, progress=False)
     assert c["status"].startswith("real K/V data not found")
-    (row,) = ext.build_rows({"compression": c})
+    (row,) = comp.rows({"compression": c})
     assert "--kv-data" in row[6]
 
 
 def test_default_kv_data(monkeypatch, tmp_path):
     monkeypatch.setenv("KVCACHE_KV_DATA", str(tmp_path / "x.npz"))
-    assert ext.default_kv_data() == tmp_path / "x.npz"
+    assert comp.default_kv_data() == tmp_path / "x.npz"
     monkeypatch.delenv("KVCACHE_KV_DATA")
-    assert ext.default_kv_data().name == "smollm2_kv_prose.npz"
+    assert comp.default_kv_data().name == "smollm2_kv_prose.npz"
 
 
 # --------------------------------------------------------------------- CLI
@@ -226,7 +229,7 @@ def test_bench_cli_external_sections(tmp_path, capsys):
     assert len(res["transformers"]) == 1 and "compression" in res
     assert res["table"]["rows"] == [] and res["attention_table"]["rows"] == []
     rows = res["baselines_table"]["rows"]
-    assert res["baselines_table"]["headers"] == ext.HEADERS
+    assert res["baselines_table"]["headers"] == BASELINES.headers
     assert {r[0] for r in rows} == {"transformers", "compression"}
     assert "against other libraries" in out and "vs baseline" in out
     for r in rows:

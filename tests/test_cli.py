@@ -236,7 +236,7 @@ def test_smollm2_path_without_wheel(monkeypatch):
 
 
 def test_bench_parse_contexts():
-    from kvcache.bench import _parse_contexts
+    from kvcache.bench.cli import _parse_contexts
     assert _parse_contexts("128,4_096, 65536") == [128, 4096, 65536]
     with pytest.raises(argparse.ArgumentTypeError, match="integers like"):
         _parse_contexts("128,lots")

@@ -37,7 +37,7 @@ if [ "$rc" -ne 0 ]; then
     echo "asv_smoke: asv run exited with status $rc" >&2
     status=1
 fi
-# Benchmark lines look like "[ 47.73%] ··· update.Update.time_update   ok"
+# Benchmark lines look like "[ 47.73%] ··· update.Update.track_update   ok"
 # (status ok, failed or n/a, or the value of one without parameters); a parameter combination that failed or was
 # skipped shows "failed" / "n/a" as a cell of the table under it (cells are
 # separated by two or more spaces).

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--html", type=Path, default=ROOT / "asv_benches" / "html")
     ap.add_argument("--bench", action="append", default=None,
                     help="benchmark whose graph page to check (repeatable; default "
-                         "update.Update.time_update); the first is the screenshot's")
+                         "update.Update.track_update); the first is the screenshot's")
     ap.add_argument("--screenshot", type=Path, default=None,
                     help="PNG to write (default $KVCACHE_ARTIFACTS/dashboard.png, else "
                          "ci-artifacts/dashboard.png)")
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="virtual time for asv's JavaScript per page (default 10000)")
     ap.add_argument("--size", default="1400,900", help="screenshot window size")
     args = ap.parse_args(argv)
-    benches = args.bench or ["update.Update.time_update"]
+    benches = args.bench or ["update.Update.track_update"]
     html = args.html.resolve()
     if not (html / "index.html").exists():
         log(f"no published HTML at {html} (run asv publish first)")

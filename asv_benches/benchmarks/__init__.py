@@ -2,19 +2,21 @@
 
 Run from ``asv_benches/``: ``asv run --python=same --quick`` (the installed,
 editable kvcache; ``asv machine --yes`` once first), or ``asv run`` to build
-commits in virtualenvs.  ``python -m kvcache.bench`` prints the same
-comparisons as ratios in one table.
+commits in virtualenvs.  ``python -m kvcache bench`` prints the same
+comparisons as ratios in its tables.
 
 How the timings are taken
 -------------------------
-* Data is built in ``setup``.  asv_runner (0.3 here) re-runs ``setup``
-  before every sample of a benchmark that has one and then times a single
-  call per sample (``number`` resolves to 1).  Older asv_runners run
-  ``setup`` once per sample and then time many calls.  The ``time_``
-  benchmarks are written to be right under both: each call appends at the
-  next position, and a headroom of ``HEADROOM`` tokens is rolled back
-  (amortised, once every ``HEADROOM`` calls) when used up.
-* A single timed call includes asv's own call overhead (~0.1 us), so the
-  sub-microsecond kvcache figures are best compared with each other and with
-  the numpy baselines of the same run, not read as absolute costs.
+* The figures that ``python -m kvcache bench`` also prints (``update``,
+  ``metrics``) are taken by the bench's own code: a ``setup_cache`` runs the
+  bench section (``kvcache.bench.update.bench_update``,
+  ``kvcache.bench.metrics.bench_metrics``) and ``track_`` benchmarks report
+  its medians (seconds per call), so the dashboard and the command agree by
+  construction.  asv's ``time_`` benchmarks cannot: asv_runner (0.3 here)
+  re-runs ``setup`` before every sample and times a single call per sample
+  (``--quick``: one sample), which for a sub-microsecond call is mostly
+  asv's own call overhead and the first call after setup.
+* The other ``time_`` benchmarks time calls of microseconds or more
+  (attention, save/load), where that overhead is small; data is built in
+  ``setup`` (once per process, see ``_common.built``).
 """

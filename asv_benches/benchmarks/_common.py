@@ -30,22 +30,6 @@ HEAD_DIM = 64
 BATCH = 1
 DTYPE = "float16"
 
-# Tokens a time_ benchmark may append past its starting point before it rolls
-# back (64 blocks of the default 64 tokens).
-HEADROOM = 4096
-
-# Calls made in setup before timing, so that a sample timing a single call
-# (see __init__) sees warm caches and a mid-block position, not the first
-# call after building the data.  Far below HEADROOM.
-WARMUP = 200
-
-
-def warm(step, calls=None):
-    for _ in range(WARMUP if calls is None else calls):
-        step()
-    return step
-
-
 _BUILT = {}
 
 
@@ -55,7 +39,7 @@ def built(key, build):
     asv_runner re-runs setup before every sample; rebuilding a 65536-token
     context each time would stream ~100 MB through the CPU caches right before
     the timed call, which then measures cache misses of asv's own calling code
-    (several microseconds) rather than the update.  So setup builds the data
+    (several microseconds) rather than the call.  So setup builds the data
     the first time and afterwards only resets it (cheap: a truncate).  One key
     at a time: a new key drops the previous data.
     """

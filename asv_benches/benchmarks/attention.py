@@ -37,9 +37,12 @@ import numpy as np
 from kvcache import KVCache
 
 try:
-    from kvcache.bench import fill_contiguous, fill_fragmented
-except ImportError:     # a kvcache from before these helpers (asv over history): no Prefetch
-    fill_contiguous = fill_fragmented = None
+    from kvcache.bench.common import fill_contiguous, fill_fragmented
+except ImportError:
+    try:                # a kvcache whose bench was one module (asv over history)
+        from kvcache.bench import fill_contiguous, fill_fragmented
+    except ImportError:     # a kvcache from before these helpers: no Prefetch
+        fill_contiguous = fill_fragmented = None
 
 from ._common import BATCH, HEAD_DIM, HEADS, LAYERS, built, grid, prefill
 

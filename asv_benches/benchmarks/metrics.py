@@ -1,66 +1,48 @@
 """Cost of the cache's counters: a 30-layer decode step, metrics on and off.
 
-``python -m kvcache.bench`` measures the same thing with the two caches
-alternating step by step, which is the better test of a difference of a few
-percent; asv tracks each on its own over commits.  Set-up as in
-``update.py``: 30 layers of 1024 tokens plus one (opening a block), reset to
-that length and warmed up by ``WARMUP`` steps in setup, rolled back after
-``HEADROOM`` steps when many are timed per sample.
+The figures of ``python -m kvcache bench --sections metrics``, taken by the
+same code: ``setup_cache`` runs the bench's metrics section
+(``kvcache.bench.metrics.bench_metrics``: two caches of 30 layers at 1,024
+tokens, one with ``metrics=True``, decoding step by step in alternation so
+that drift hits both alike, every step timed with ``time.perf_counter_ns``)
+and the track benchmarks report its medians and their difference.  (asv's
+``time_`` benchmarks timed one step after each setup, the two settings in
+separate processes: a 2% difference read as 80%.)
 """
 
-from kvcache import KVCache
+from kvcache.bench.metrics import CONTEXT, bench_metrics
 
-from ._common import BATCH, HEAD_DIM, HEADROOM, HEADS, LAYERS, built, prefill, token, warm
+from ._common import grid
 
-CONTEXT = 1024
-
-
-def _build(metrics):
-    pre, k, v = prefill(CONTEXT), token(seed=1), token(seed=2)
-    base = CONTEXT + 1
-    limit = base + HEADROOM
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, max_seq_len=limit, batch_size=BATCH,
-                    overflow="error", metrics=metrics)
-    for layer in range(LAYERS):
-        cache.update(layer, pre, pre, CONTEXT)
-        cache.update(layer, k, v, base)         # opens the block of position CONTEXT
-    upd = cache.update
-    layers = range(LAYERS)
-    n = base
-
-    def step():
-        nonlocal n
-        n += 1
-        if n > limit:                           # headroom used: roll back (1 step in HEADROOM)
-            cache.truncate(base)
-            n = base + 1
-        for layer in layers:
-            upd(layer, k, v, n)
-
-    def reset():
-        nonlocal n
-        cache.truncate(base)
-        n = base
-
-    return step, reset
+STEPS = grid(20000, 2000)               # kvcache bench's metrics steps: default, --quick
 
 
-class MetricsOverhead:
+class _BenchMetrics:
+    """The bench's metrics section, run once for both classes below (asv
+    keys a setup_cache by the function's place, and they inherit this one)."""
+
+    timeout = 600
+
+    def setup_cache(self):
+        return bench_metrics(STEPS, CONTEXT, progress=False)
+
+
+class MetricsOverhead(_BenchMetrics):
     params = [
         # metrics: KVCache(metrics=...): keep the counters of stats() or not
         [True, False],
     ]
     param_names = ["metrics"]
-    timeout = 120
+    unit = "seconds"
 
-    def setup(self, metrics):
-        step, reset = built(("MetricsOverhead", metrics), lambda: _build(metrics))
-        reset()
-        self.step = warm(step)
+    def track_decode_step(self, result, metrics):
+        """Median time of one token appended to each of the 30 layers."""
+        return result["metrics_on" if metrics else "metrics_off"]["median_ns"] / 1e9
 
-    def teardown(self, metrics):
-        del self.step
 
-    def time_decode_step(self, metrics):
-        """One token appended to each of the 30 layers."""
-        self.step()
+class MetricsCost(_BenchMetrics):
+    unit = "percent"
+
+    def track_overhead_percent(self, result):
+        """metrics=True's median step over metrics=False's, minus one, in percent."""
+        return result["overhead_pct"]

@@ -1,170 +1,89 @@
-"""One-token update of one layer (keys and values) at a given context.
-
-kvcache against the two ways a numpy cache appends: concatenation (as Hugging
+"""One-token update of one layer (keys and values) at a given context:
+kvcache against the two ways a numpy cache appends, concatenation (as Hugging
 Face's DynamicCache does with torch.cat) and slice assignment into
 preallocated buffers (as its StaticCache does).
 
-Context, capacity, and what one timed call is:
+These are the figures of ``python -m kvcache bench --sections update``,
+taken by the same code: ``setup_cache`` runs the bench's own update section
+(``kvcache.bench.update.bench_update``) once per context, and each
+``track_update`` reports one of its medians, in seconds per call.  So the
+dashboard and the bench command cannot measure different things:
 
-* The layer holds ``context`` tokens, then one more is written at position
-  ``context`` (it opens a new 64-token block): that is the starting length
-  ``base = context + 1``.
-* setup resets to ``base`` (kvcache: ``truncate``, which returns the blocks
-  past it to the pool; numpy: back to that index) and makes ``WARMUP`` (200)
-  calls, so that the first timed call appends position ``context + 201``,
-  with warm caches, in the middle of a block whose first page is in memory.
-  A single timed call (what asv_runner 0.3 times, re-running setup before
-  each sample) is thus the steady append of a decode loop, not the 1-in-64
-  call that also takes a block from malloc, nor the 1-in-32 that faults in a
-  page: ``python -m kvcache.bench`` shows those in its p99.
-* When many calls are timed per sample (older asv_runners), kvcache and the
-  preallocated buffers keep appending, and after ``HEADROOM`` (4096) tokens
-  roll back to ``base``, amortised over 4096 calls.  Rolling back with
-  ``truncate`` rather than overwriting one position in place keeps the block
-  allocations of real appends in that measurement.
-* Concatenation builds a new ``context + 2``-token array per call and drops
-  it, so its context stays put (a real DynamicCache keeps the new array and
-  frees the old one: the same allocate, copy and free).
-* The data is built by the first setup of a process and reused by the next
-  ones (see ``_common.built``).
+* every layer of a 30-layer cache prefilled to ``context`` tokens (setup,
+  untimed), then ``STEPS`` decode steps of one token into each layer;
+* every call timed on its own with ``time.perf_counter_ns`` (its ~50-90 ns
+  overhead included, as in the bench's table), the figure the median over
+  all of them (STEPS x 30 calls), nothing of asv's own calling code or of
+  any setup inside the timed region;
+* kvcache and the preallocated buffers call by call interleaved; the
+  concatenation restarts from ``context`` every 64 tokens and has a time
+  budget (``CONCAT_BUDGET_S``).
 
-The cache has all 30 layers but only layer 0 is filled and updated: layers are
-independent, and filling all 30 would take 1.5 GiB at 65536 tokens.
+asv's ``time_`` benchmarks cannot measure this: asv_runner re-runs setup
+before every sample and times one call per sample (``--quick``: one sample
+in all), so a sub-microsecond update read 2-3 us there, mostly asv's call
+overhead and the first call after setup.  A track benchmark runs once per
+``asv run`` (``--quick`` or not) and its value is the bench's median.
 """
 
-import numpy as np
+from kvcache.bench.update import bench_update
 
-from kvcache import KVCache
+from ._common import grid
 
-from ._common import BATCH, HEAD_DIM, HEADROOM, HEADS, LAYERS, built, grid, prefill, token, warm
-
-
-def _kvcache(context, dtype):
-    """(step, reset): append one token to layer 0 of a cache at `context`."""
-    pre, k, v = prefill(context, dtype), token(dtype, 1), token(dtype, 2)
-    base = context + 1
-    limit = base + HEADROOM
-    cache = KVCache(LAYERS, HEADS, HEAD_DIM, max_seq_len=limit, batch_size=BATCH,
-                    dtype=dtype, overflow="error")
-    cache.update(0, pre, pre, context)
-    cache.update(0, k, v, base)            # opens the block of position `context`
-    upd = cache.update
-    n = base
-
-    def step():
-        nonlocal n
-        n += 1
-        if n > limit:                       # headroom used: roll back (1 call in HEADROOM)
-            cache.truncate(base, 0)
-            n = base + 1
-        upd(0, k, v, n)
-
-    def reset():
-        nonlocal n
-        cache.truncate(base, 0)
-        n = base
-
-    return step, reset
-
-
-def _concat(context):
-    pre, k, v = prefill(context), token(seed=1), token(seed=2)
-    cat = np.concatenate
-    K = cat((pre, k), axis=2)              # context + 1 tokens, like the others
-    V = cat((pre, v), axis=2)
-
-    def step():
-        cat((K, k), axis=2)
-        cat((V, v), axis=2)
-
-    return step, lambda: None
-
-
-def _prealloc(context):
-    pre, k, v = prefill(context), token(seed=1), token(seed=2)
-    base = context + 1
-    limit = base + HEADROOM
-    # np.zeros: pages past the context are faulted in on first write, as
-    # kvcache's freshly malloc'ed blocks are (torch.zeros behaves alike).
-    kb = np.zeros((BATCH, HEADS, limit, HEAD_DIM), pre.dtype)
-    vb = np.zeros((BATCH, HEADS, limit, HEAD_DIM), pre.dtype)
-    kb[:, :, :context] = pre
-    vb[:, :, :context] = pre
-    kb[:, :, context:base] = k
-    vb[:, :, context:base] = v
-    n = base
-
-    def step():
-        nonlocal n
-        n += 1
-        if n > limit:                       # headroom used: roll back (1 call in HEADROOM)
-            n = base + 1
-        kb[:, :, n - 1:n] = k
-        vb[:, :, n - 1:n] = v
-
-    def reset():
-        nonlocal n
-        n = base
-
-    return step, reset
-
-
+# quick profile: no 65536 (1.5 GiB per 30-layer cache), and --quick's steps
 CONTEXTS = grid([128, 4096, 65536], [128, 4096])
+STEPS = grid(3000, 300)                 # kvcache bench's --steps: default, --quick
+CONCAT_BUDGET_S = grid(3.0, 0.3)        # kvcache bench's concatenation budget
+IMPLS = ["kvcache", "numpy_concat", "numpy_prealloc"]
+DTYPES = ["float16", "float32"]
 
-_BUILDERS = {
-    "kvcache": lambda context: _kvcache(context, "float16"),
-    "numpy_concat": _concat,
-    "numpy_prealloc": _prealloc,
-}
+
+def _median_s(result, impl):
+    return result[impl]["median_ns"] / 1e9
 
 
 class Update:
     params = [
-        # context: tokens the layer holds before the timed calls (plus the
-        # ones setup writes, see the module docstring); quick profile: no 65536
+        # context: tokens every layer holds before the decode steps;
+        # quick profile: no 65536
         CONTEXTS,
         # impl: "kvcache" = KVCache.update; "numpy_concat" = np.concatenate of
         # K and of V (DynamicCache-like); "numpy_prealloc" = slice assignment
         # into preallocated K and V buffers (StaticCache-like)
-        ["kvcache", "numpy_concat", "numpy_prealloc"],
+        IMPLS,
     ]
     param_names = ["context", "impl"]
-    timeout = 120
+    unit = "seconds"
+    timeout = 600
 
-    def setup(self, context, impl):
-        step, reset = built(("Update", context, impl), lambda: _BUILDERS[impl](context))
-        reset()
-        # concatenation costs up to 50 ms a call: 3 warm-up calls
-        self.step = warm(step, 3 if impl == "numpy_concat" else None)
+    def setup_cache(self):
+        """The bench's update section, every context (kvcache bench --sections update)."""
+        return {c: bench_update(c, STEPS, CONCAT_BUDGET_S, progress=False) for c in CONTEXTS}
 
-    def teardown(self, context, impl):
-        del self.step
-
-    def time_update(self, context, impl):
-        """One token appended to one layer (K and V)."""
-        self.step()
+    def track_update(self, results, context, impl):
+        """Median time of one token appended to one layer (K and V)."""
+        return _median_s(results[context], impl)
 
 
 class UpdateDtype:
-    """kvcache's one-token update by storage dtype (input of the same dtype)."""
+    """kvcache's one-token update by storage dtype (input of the same dtype),
+    through the same bench code with the dtype given."""
 
     params = [
         # context: as in Update
         CONTEXTS,
         # dtype: storage dtype of the cache, and of the k/v given to it
-        ["float16", "float32"],
+        DTYPES,
     ]
     param_names = ["context", "dtype"]
-    timeout = 120
+    unit = "seconds"
+    timeout = 600
 
-    def setup(self, context, dtype):
-        step, reset = built(("UpdateDtype", context, dtype), lambda: _kvcache(context, dtype))
-        reset()
-        self.step = warm(step)
+    def setup_cache(self):
+        return {(c, d): bench_update(c, STEPS, CONCAT_BUDGET_S, progress=False,
+                                     impls=("kvcache",), dtype=d)
+                for c in CONTEXTS for d in DTYPES}
 
-    def teardown(self, context, dtype):
-        del self.step
-
-    def time_update(self, context, dtype):
-        """One token appended to one layer (K and V)."""
-        self.step()
+    def track_update(self, results, context, dtype):
+        """Median time of one token appended to one layer (K and V)."""
+        return _median_s(results[(context, dtype)], "kvcache")
