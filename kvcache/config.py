@@ -108,6 +108,9 @@ class CacheConfig:
     :class:`CompressionStrategy`, ``dtype`` its name, ``error_budget`` a
     float.
 
+    Examples
+    --------
+    >>> from kvcache import CacheConfig
     >>> CacheConfig(2, 4, 80).group_size, CacheConfig(2, 4, 80).int8_group_size
     (20, 40)
     >>> CacheConfig(2, 4, 64, group_size=32).group_size
