@@ -78,26 +78,18 @@ cdef object _candidates(KVStore s, const kv_layer *L):
         PyMem_RawFree(out)
 
 
-cdef int _check_plan(KVStore s, const kv_layer *L, Py_ssize_t li, cnp.ndarray blocks,
-                     cnp.ndarray tiers, cnp.ndarray exacts) except -1:
-    """A plan's arrays must name blocks the layer holds at full precision,
-    quantized or LOSSLESS tiers and exact prefixes shorter than a block;
-    anything else is a policy's bug: ValueError, nothing done."""
-    cdef int64_t i, n = blocks.shape[0], r, j
-    cdef const int32_t *bid = <const int32_t *>cnp.PyArray_DATA(blocks)
+cdef int _check_plan(KVStore s, cnp.ndarray blocks, cnp.ndarray tiers,
+                     cnp.ndarray exacts) except -1:
+    """A plan's arrays must give one quantized or LOSSLESS tier and one exact
+    prefix shorter than a block per block; anything else is a policy's bug:
+    ValueError, nothing done."""
+    cdef int64_t i, n = blocks.shape[0]
     cdef const int8_t *tier = <const int8_t *>cnp.PyArray_DATA(tiers)
     cdef const int64_t *ex = <const int64_t *>cnp.PyArray_DATA(exacts)
-    cdef set owned = set()
     if tiers.shape[0] != n or exacts.shape[0] != n:
         raise ValueError(f"a compression plan needs one tier and one exact count per block: "
                          f"got {n} blocks, {tiers.shape[0]} tiers, {exacts.shape[0]} exacts")
-    for r in range(s.batch):
-        for j in range(L.nblk):
-            if L.table[r * L.nblk + j] >= 0:
-                owned.add(L.table[r * L.nblk + j])
     for i in range(n):
-        if bid[i] not in owned:
-            raise ValueError(f"block {bid[i]} is not one of layer {li}'s blocks")
         if tier[i] not in (KV_TIER_FP16, KV_TIER_INT8, KV_TIER_INT4, KV_TIER_LOSSLESS):
             raise ValueError(f"tier must be one of FP16, INT8, INT4, LOSSLESS "
                              f"({KV_TIER_FP16}..{KV_TIER_LOSSLESS}), got {tier[i]}")
@@ -105,6 +97,24 @@ cdef int _check_plan(KVStore s, const kv_layer *L, Py_ssize_t li, cnp.ndarray bl
             raise ValueError(f"exact rows must be in [0, {s.block_size}), got {ex[i]}")
         if tier[i] == KV_TIER_INT4 and s.head_dim % 2:
             raise ValueError(f"INT4 needs an even head_dim, got {s.head_dim}")
+    return 0
+
+
+cdef int _check_owned(KVStore s, const kv_layer *L, Py_ssize_t li,
+                      cnp.ndarray blocks) except -1:
+    """Every planned block must be one the layer holds.  Checked once the plan
+    is known to be current (same epoch): a block a stale plan names may have
+    left the layer legitimately."""
+    cdef int64_t i, r, j
+    cdef const int32_t *bid = <const int32_t *>cnp.PyArray_DATA(blocks)
+    cdef set owned = set()
+    for r in range(s.batch):
+        for j in range(L.nblk):
+            if L.table[r * L.nblk + j] >= 0:
+                owned.add(L.table[r * L.nblk + j])
+    for i in range(blocks.shape[0]):
+        if bid[i] not in owned:
+            raise ValueError(f"block {bid[i]} is not one of layer {li}'s blocks")
     return 0
 
 
@@ -144,9 +154,10 @@ cdef object _trial_errors(KVStore s, kv_layer *L, Py_ssize_t li, int64_t epoch,
     cdef char *scratch
     if tier == KV_TIER_LOSSLESS:
         raise ValueError("LOSSLESS is exact: it has no trial error")
-    _check_plan(s, L, li, blocks, tiers, exacts)
+    _check_plan(s, blocks, tiers, exacts)
     if L.busy or L.epoch != epoch:
         return None
+    _check_owned(s, L, li, blocks)
     scratch = <char *>PyMem_RawMalloc(width + 2 * s.block_bytes)
     if scratch == NULL:
         raise MemoryError("cannot allocate trial buffers")
@@ -186,9 +197,10 @@ cdef list _compress_blocks(KVStore s, kv_layer *L, Py_ssize_t li, int64_t epoch,
     cdef int t
     cdef list results = [], batch
     cdef set queued = set()
-    _check_plan(s, L, li, blocks, tiers, exacts)
+    _check_plan(s, blocks, tiers, exacts)
     if L.busy or L.epoch != epoch:
         return [("busy", li, 0, 0)]
+    _check_owned(s, L, li, blocks)
     for t in (KV_TIER_FP16, KV_TIER_INT8, KV_TIER_INT4):
         if t == KV_TIER_FP16 and s.itemsize == 2:
             continue                     # a float16 block is already FP16

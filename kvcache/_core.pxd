@@ -196,8 +196,8 @@ cdef class KVStore:
         int64_t n_compressed, payload_total   # compressed blocks and their bytes
         kv_shape shape          # one block half, for the tier codecs
         object clock            # time source for block ages (seconds)
-        int64_t auto_lag        # >= 0: call _auto_compress when a block
-                                # boundary passes n - auto_lag
+        # >= 0: call _auto_compress when a block boundary passes n - auto_lag
+        int64_t auto_lag
         bint track_ages         # compression configured: ring wraps renew ages
         bint zstd               # LOSSLESS packs with zstd instead of lz4
         kv_block **retired[MAX_RETIRED]  # old directories, freed at dealloc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from functools import cache
 from pathlib import Path
 
@@ -125,3 +126,12 @@ def layout(a: np.ndarray, how: str) -> np.ndarray:
         raw[...] = a
         return raw
     return a
+
+
+def tool_module(name: str):
+    """The script tools/<name>.py of the checkout, imported as a module."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

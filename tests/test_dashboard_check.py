@@ -6,20 +6,17 @@ is reported).  The browser run itself is tools/dashboard.sh's (a CI step).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from kvhelpers import tool_module
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "dashboard_check.py"
 
 
 @pytest.fixture(scope="module")
 def dc():
-    spec = importlib.util.spec_from_file_location("dashboard_check", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return tool_module("dashboard_check")
 
 
 INDEX = """<html><head>

@@ -3,13 +3,12 @@
 ``kvcache.bench`` imports the library; no library module may import it,
 directly or through others, at module level or inside a function, and no
 import cycle may run through it, nor anywhere else in ``kvcache/``.  Read
-from the sources by ``tools/import_cycles.py``, and checked at run time: importing every library module
-loads no ``kvcache.bench`` module.
+from the sources by ``tools/import_cycles.py``, and checked at run time:
+importing every library module loads no ``kvcache.bench`` module.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from kvhelpers import tool_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "import_cycles.py"
@@ -24,10 +24,7 @@ TOOL = ROOT / "tools" / "import_cycles.py"
 
 @pytest.fixture(scope="module")
 def ic():
-    spec = importlib.util.spec_from_file_location("import_cycles", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return tool_module("import_cycles")
 
 
 def test_no_library_module_reaches_bench(ic):

@@ -60,7 +60,9 @@ def filled(layers, ctx, **kw):
 times = []
 for _ in range(5):
     cc = filled(L, 4096, compression="int8")
-    t0 = time.perf_counter(); cc.compress_old_entries(workers=1); times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    cc.compress_old_entries()          # default workers, as tools/compress_time.py
+    times.append(time.perf_counter() - t0)
 out["compress_int8_4k_x30_ms"] = sorted(times)[2] * 1e3
 
 # attention: one decode query, 9 query heads over 3 KV heads
