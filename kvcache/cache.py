@@ -64,7 +64,9 @@ class KVCache(KVStore):
     compression : CompressionStrategy or str, optional
         A :class:`CompressionStrategy` (or its name) for old blocks:
         ``NONE`` (default), ``FP16``, ``INT8``, ``INT4``, ``LOSSLESS``,
-        ``ADAPTIVE`` (see :mod:`kvcache.compression`).
+        ``ADAPTIVE`` (see :mod:`kvcache.compression`).  The policy built from
+        it and the three options below is :attr:`compression_policy`; assign
+        your own :class:`~kvcache.compression.CompressionPolicy` there.
     residual_tokens : int
         The most recent positions of each layer stay at full precision (128).
     group_size, int8_group_size : int, optional

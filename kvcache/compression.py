@@ -200,7 +200,7 @@ class _Busy(Exception):
     candidates were read: the plan is dropped, to be made again later."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Candidates:
     """The blocks of one layer a policy chooses from, at one moment (epoch).
 
