@@ -150,17 +150,23 @@ cdef object _trial_errors(KVStore s, kv_layer *L, Py_ssize_t li, int64_t epoch,
     cdef const int64_t *ex = <const int64_t *>cnp.PyArray_DATA(exacts)
     cdef cnp.ndarray ok = np.zeros(n, dtype=np.uint8)
     cdef uint8_t *pinned = <uint8_t *>cnp.PyArray_DATA(ok)
-    cdef int64_t width = _payload_size(s, tier, s.block_size - 1)
+    # Scratch: a payload, the masked copy _encode_into may need, the decoded
+    # block; each part starts KV_ALIGN-aligned (the decoded block is read as
+    # floats, and payload sizes can be odd).
+    cdef int64_t width = _round_up(_payload_size(s, tier, s.block_size - 1), KV_ALIGN)
+    cdef int64_t bpad = _round_up(s.block_bytes, KV_ALIGN)
     cdef char *scratch
+    cdef char *raw
     if tier == KV_TIER_LOSSLESS:
         raise ValueError("LOSSLESS is exact: it has no trial error")
     _check_plan(s, blocks, tiers, exacts)
     if L.busy or L.epoch != epoch:
         return None
     _check_owned(s, L, li, blocks)
-    scratch = <char *>PyMem_RawMalloc(width + 2 * s.block_bytes)
-    if scratch == NULL:
+    raw = <char *>PyMem_RawMalloc(width + 2 * bpad + KV_ALIGN)
+    if raw == NULL:
         raise MemoryError("cannot allocate trial buffers")
+    scratch = <char *>((<uintptr_t>raw + KV_ALIGN - 1) & ~(<uintptr_t>KV_ALIGN - 1))
     for i in range(n):
         if _pinnable(s, bid[i]) and not (tier == KV_TIER_FP16 and s.itemsize == 2):
             _pin(s, bid[i])
@@ -172,14 +178,14 @@ cdef object _trial_errors(KVStore s, kv_layer *L, Py_ssize_t li, int64_t epoch,
                     _encode_into(s, _blk(s, bid[i]).data, tier, ex[i], <uint8_t *>scratch,
                                  scratch + width)
                     _decode_quantized(s, tier, <uint8_t *>scratch, ex[i],
-                                      scratch + width + s.block_bytes, 3)
+                                      scratch + width + bpad, 3)
                     err[i] = kv_block_rel_error(&s.shape, _blk(s, bid[i]).data,
-                                                scratch + width + s.block_bytes)
+                                                scratch + width + bpad)
     finally:
         for i in range(n):
             if pinned[i]:
                 _unpin(s, bid[i])
-        PyMem_RawFree(scratch)
+        PyMem_RawFree(raw)
     return errs
 
 

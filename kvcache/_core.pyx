@@ -115,6 +115,10 @@ cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
+cdef inline int64_t _round_up(int64_t a, int64_t b) noexcept nogil:
+    return _ceil_div(a, b) * b
+
+
 cdef kv_layer *_layer_at(KVStore s, object layer_idx) except NULL:
     """The layer `layer_idx` names; IndexError for anything else."""
     cdef int64_t li = _as_int64(layer_idx, "layer_idx", IndexError)
