@@ -54,7 +54,7 @@ import numpy as np
 from . import _core
 
 __all__ = ["CompressionStrategy", "CompressionStats", "CompressionPolicy", "FixedTier",
-           "Adaptive", "Candidates", "CANDIDATE_DTYPE", "LEAVE", "policy_for",
+           "Adaptive", "Candidates", "CANDIDATE_DTYPE", "LEAVE", "StalePlan", "policy_for",
            "BackgroundCompressor", "release_freed_memory"]
 
 logger = logging.getLogger("kvcache")
@@ -195,9 +195,11 @@ if CANDIDATE_DTYPE.itemsize != _core.CANDIDATE_ITEMSIZE:     # pragma: no cover
 LEAVE = -1
 
 
-class _Busy(Exception):
-    """The layer changed (or a GIL-free copy of it started) since its
-    candidates were read: the plan is dropped, to be made again later."""
+class StalePlan(RuntimeError):
+    """Raised by :meth:`Candidates.trial_errors` when the layer changed (or a
+    GIL-free copy of it started) since its candidates were read;
+    :meth:`CompressionPolicy.compress_layer` turns it into a "busy" result,
+    so the plan is made again later."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,7 +244,7 @@ class Candidates:
         errs = self.cache._trial_errors(self.layer, self.epoch, self.records["block"],
                                         int(tier), self.exact)
         if errs is None:
-            raise _Busy()
+            raise StalePlan(f"layer {self.layer} changed since its candidates were read")
         return errs
 
     @classmethod
@@ -329,7 +331,7 @@ class CompressionPolicy:
             return []
         try:
             tiers = np.asarray(self.choose(cache, cands))
-        except _Busy:
+        except StalePlan:
             return [("busy", layer_idx, 0, 0)]
         if tiers.shape != (len(cands),):
             raise ValueError(f"{type(self).__name__}.choose must return one tier per block: "
