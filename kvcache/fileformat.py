@@ -40,7 +40,6 @@ import mmap as _mmap
 import os
 import struct
 import sys
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ import numpy as np
 
 from . import _core, lossless
 from ._version import __version__
+from .atomic_files import write_atomically
 from .compression import CompressionStrategy
 from .config import MAX_TOKENS, CacheConfig, checked_field
 from .growth import Adaptive, Exponential, GrowthStrategy, Linear
@@ -173,51 +173,8 @@ def write(path, record: SaveRecord) -> int:
     meta = text + table_bytes + index.tobytes()
     head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text), meta_len, zlib.crc32(meta), 0)
     head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
-    _write_atomically(path, [head, meta] + [b[4] for b in blocks])
+    write_atomically(path, [head, meta] + [b[4] for b in blocks])
     return offset
-
-
-def _write_atomically(path: str, parts) -> None:
-    """Write to a temporary file beside ``path``, flush and fsync it, then
-    rename it over ``path`` and fsync the directory: a crash at any point
-    leaves the old file or the new one, never a mix."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
-    try:
-        # A new file is readable by its owner only (mkstemp's 0600: it holds a
-        # conversation's state); a file replaced keeps its permissions.
-        try:
-            os.chmod(fd, os.stat(path).st_mode & 0o7777)
-        except FileNotFoundError:
-            pass
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    # The rename itself is durable only once the directory is synced.
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:                                 # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:                                 # pragma: no cover - some filesystems
-        pass
-    finally:
-        os.close(dfd)
 
 
 # ------------------------------------------------------------------- reading
