@@ -704,9 +704,23 @@ def _filled(g, *, n=300, heads=2, dim=64, block=64, dtype="float16", layers=1, m
     return cache
 
 
+def _scattered(g, *, n=300, heads=2, dim=64, block=16):
+    """Layer 0 of a two-layer cache filled a block at a time, in turn with
+    layer 1: its consecutive blocks are never next to each other in memory,
+    whatever state earlier tests left the heap in (blocks taken back to back
+    from a fresh heap would all "follow" each other, and nothing is hinted)."""
+    cache = KVCache(2, heads, dim, max_seq_len=1024, dtype="float16", block_size=block)
+    k, v = randn(g, (1, heads, n, dim), "float16"), randn(g, (1, heads, n, dim), "float16")
+    for start in range(0, n, block):
+        end = min(n, start + block)
+        for layer in (0, 1):
+            cache.update(layer, k[:, :, start:end], v[:, :, start:end], end)
+    return cache
+
+
 def test_kernel_prefetch_counted():
     g = np.random.default_rng(51)
-    cache = _filled(g, n=300, block=16)
+    cache = _scattered(g, n=300, block=16)
     q = randn(g, (1, 4, 1, 64))
     c0 = layer_counters(cache)
     out_on = cache.attention(0, q, prefetch=True)
