@@ -33,7 +33,8 @@ CANDIDATE_ITEMSIZE = sizeof(kv_candidate)
 
 
 cdef object _candidates(KVStore s, const kv_layer *L):
-    """(epoch, bytes of kv_candidate records), one per distinct block."""
+    """(epoch, seq_len, bytes of kv_candidate records), one record per
+    distinct block, all read at one moment."""
     cdef int64_t *held = <int64_t *>PyMem_RawMalloc(_max(1, 2 * L.nblk) * sizeof(int64_t))
     cdef int64_t *end
     cdef kv_candidate *out = NULL
@@ -72,7 +73,7 @@ cdef object _candidates(KVStore s, const kv_layer *L):
                 out[k].tier = <int8_t>b.tier
                 out[k].flags = <uint8_t>b.flags
                 k += 1
-        return L.epoch, (<char *>out)[:k * sizeof(kv_candidate)]
+        return L.epoch, L.n, (<char *>out)[:k * sizeof(kv_candidate)]
     finally:
         PyMem_RawFree(held)
         PyMem_RawFree(out)

@@ -89,6 +89,7 @@ cdef extern from "kv_attn.h":
                           int64_t nruns, float *state) noexcept nogil
     const kv_attn_kernel **kv_attn_kernels
     int kv_attn_runnable(const kv_attn_kernel *k) nogil
+    const kv_attn_kernel *kv_attn_select(int allow_simd) nogil
     int kv_cpu_features() nogil
     int64_t kv_attn_state_floats(const kv_attn_geom *g) nogil
     void kv_attn_state_init(const kv_attn_geom *g, float *state) nogil

@@ -227,10 +227,8 @@ cdef class KVStore:
         """
         cdef cnp.ndarray ka, va
         cdef int64_t t = 0
-        cdef int64_t li = _as_int64(layer_idx, "layer_idx", IndexError)
+        cdef kv_layer *L = _layer_at(self, layer_idx)
         cdef int64_t m = _as_int64(seq_len, "seq_len", ValueError)
-        if li < 0 or li >= self.num_layers:
-            raise IndexError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
         if k is None and v is None:
             ka = va = None
         elif k is None or v is None:
@@ -243,7 +241,7 @@ cdef class KVStore:
             if cnp.PyArray_DIMS(va)[2] != t:
                 raise ValueError(f"k and v must hold the same number of tokens: "
                                  f"k has {t}, v has {cnp.PyArray_DIMS(va)[2]}")
-        _write(self, &self.layers[li], li, ka, va, t, m)
+        _write(self, L, L - self.layers, ka, va, t, m)
 
     def truncate(self, seq_len, layer_idx=None):
         """Drop every position >= seq_len (of one layer, or all when None).
@@ -387,9 +385,9 @@ cdef class KVStore:
     # -------------------------------------------------------- compression
 
     def _candidates(self, layer_idx):
-        """``(epoch, records)``: the layer's epoch and one kv_candidate record
-        per distinct block it holds (bytes; kvcache.compression reads them
-        as CANDIDATE_DTYPE)."""
+        """``(epoch, seq_len, records)``: the layer's epoch and length, and one
+        kv_candidate record per distinct block it holds (bytes;
+        kvcache.compression reads them as CANDIDATE_DTYPE)."""
         return _candidates(self, _layer_at(self, layer_idx))
 
     def _trial_errors(self, layer_idx, int64_t epoch, blocks, int tier, exacts):

@@ -62,7 +62,7 @@ def set_backend(name=None):
     cdef int i = 0
     cdef const kv_attn_kernel *k
     if name is None:
-        name = available_backends()[0]
+        name = kv_attn_select(1).name.decode()      # the pick rule the codecs use too
     if not isinstance(name, str):
         raise TypeError(f"backend name must be a str, got {type(name).__name__}")
     while kv_attn_kernels[i] != NULL:

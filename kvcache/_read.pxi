@@ -77,17 +77,7 @@ cdef object _read(KVStore s, kv_layer *L, int which):
 
 
 cdef object _positions(KVStore s, const kv_layer *L):
-    """Absolute positions held, in the order keys() returns them (int64)."""
-    cdef cnp.ndarray out = np.empty(_held(s, L), dtype=np.int64)
-    cdef int64_t *o = <int64_t *>cnp.PyArray_DATA(out)
-    cdef int64_t i = 0, k
-    cdef kv_walk w
-    _walk_held(s, L.lo, L.n, &w)
-    # Positions only: the ranges themselves, no slot arithmetic needed.
-    for k in range(w.p, w.end):
-        o[i] = k
-        i += 1
-    for k in range(w.a1, w.b1):
-        o[i] = k
-        i += 1
-    return out
+    """Absolute positions held, in the order keys() returns them (int64): the
+    held ranges themselves, no slot involved."""
+    return np.concatenate((np.arange(_min(s.sinks, L.lo), dtype=np.int64),
+                           np.arange(L.lo, L.n, dtype=np.int64)))

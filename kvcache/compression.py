@@ -250,10 +250,10 @@ class Candidates:
     @classmethod
     def read(cls, cache, layer_idx: int, keep_first: int) -> Candidates:
         """The layer's blocks now, with exact prefixes for ``keep_first``."""
-        epoch, raw = cache._candidates(layer_idx)
+        epoch, seq_len, raw = cache._candidates(layer_idx)
         records = np.frombuffer(raw, dtype=CANDIDATE_DTYPE)
         exact = np.maximum(0, keep_first - records["entry"] * cache.block_size)
-        return cls(cache, layer_idx, epoch, cache.seq_len(layer_idx), records, exact)
+        return cls(cache, layer_idx, epoch, seq_len, records, exact)
 
 
 def _count(name: str, value) -> int:

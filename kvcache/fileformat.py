@@ -282,10 +282,11 @@ def _parse(buf: memoryview) -> SaveRecord:
         _fail(f"max_seq_len {config.max_seq_len} exceeds a layer's capacity ({min(caps)})")
     saved_layers, prefix = _parse_selection(d, config)
     growth, max_capacity = _parse_growth(d.get("growth", (dict, type(None))), caps)
-    tables = _parse_tables(meta, json_len, entries, states, config, nblocks)
+    geometry = _geometry(config)
+    tables = _parse_tables(meta, json_len, entries, states, config, nblocks, geometry)
     index = np.frombuffer(meta, dtype=BLOCK_DTYPE, count=nblocks,
                           offset=json_len + 4 * sum(entries))
-    blocks = _parse_blocks(buf, index, config, PREAMBLE_BYTES + meta_len)
+    blocks = _parse_blocks(buf, index, config, PREAMBLE_BYTES + meta_len, geometry)
     _check_references(tables, nblocks)
     return SaveRecord(config, states, tables, blocks, growth, max_capacity, saved_layers,
                       prefix)
@@ -336,14 +337,13 @@ def _parse_growth(growth, caps):
         _fail(f"invalid growth strategy: {exc}")
 
 
-def _parse_tables(meta, json_len, entries, states, config: CacheConfig, nblocks):
+def _parse_tables(meta, json_len, entries, states, config: CacheConfig, nblocks, geometry):
     flat = np.frombuffer(meta, dtype=_TABLE_DTYPE, count=sum(entries), offset=json_len)
     if flat.size and (flat.min() < -1 or flat.max() >= nblocks):
         _fail(f"a block table entry is out of range [-1, {nblocks}): "
               f"{int(flat.min())}..{int(flat.max())}")
     tables, at = [], 0
     S, batch = config.sink_tokens, config.batch_size
-    geometry = _geometry(config)
     for li, ((n, lo, cap), count) in enumerate(zip(states, entries)):
         # The store's invariants for (n, lo, cap): held positions are
         # [0, min(S, lo)) and [lo, n); lo is 0 until the ring first evicts,
@@ -383,7 +383,7 @@ def _geometry(config: CacheConfig):
     return store
 
 
-def _parse_blocks(buf, index, config: CacheConfig, start) -> list:
+def _parse_blocks(buf, index, config: CacheConfig, start, geometry) -> list:
     size = len(buf)
     if index.size:
         ends = index["offset"] + index["nbytes"]
@@ -405,7 +405,6 @@ def _parse_blocks(buf, index, config: CacheConfig, start) -> list:
                  int(CompressionStrategy.INT4)}
     itemsize = np.dtype(config.dtype).itemsize
     block_bytes = 2 * config.num_kv_heads * config.block_size * config.head_dim * itemsize
-    payload_nbytes = None
     blocks = []
     zstd_budget = _ZSTD_BUDGET_RATIO * size + _ZSTD_BUDGET_EXTRA
     # Plain tuples: reading numpy records field by field costs ~20 us a block.
@@ -426,8 +425,7 @@ def _parse_blocks(buf, index, config: CacheConfig, start) -> list:
             if tier == int(CompressionStrategy.FP16) and itemsize == 2:
                 # Never written (float16 is stored full); its decoder writes float32.
                 _fail(f"{where}: an FP16 block in a float16 cache")
-            payload_nbytes = payload_nbytes or _geometry(config)._payload_nbytes
-            expected = payload_nbytes(tier, exact)
+            expected = geometry._payload_nbytes(tier, exact)
         elif tier == lossless_tier:
             if exact or flags & ~_core.FLAG_ZSTD:
                 _fail(f"{where}: a lossless block with exact_rows={exact}, flags={flags}")

@@ -179,7 +179,7 @@ def test_a_broken_policy_changes_nothing(answer, error):
 
 def test_plans_the_core_refuses():
     cache = filled()
-    epoch, _ = cache._candidates(0)
+    epoch, _, _ = cache._candidates(0)
     other = filled()
     before = snapshot(cache)
     bad = [
